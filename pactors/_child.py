@@ -1,0 +1,250 @@
+"""A subprocess actor's life, from the supervisor's fork to ``os._exit``.
+
+Order, each step checked:
+
+1. parent-death signal; stdio as requested; the inbox on fd 3; every other
+   descriptor closed; signal dispositions reset.
+2. ``unshare`` of the requested namespaces. With a new PID namespace, fork
+   once more: the grandchild is PID 1 there, and the forked process stays as
+   a tiny waiter whose parent-death signal chains to PID 1's.
+3. report the pid (or the errno) to the supervisor; ``spawn_actor`` returns.
+4. read the body the parent queued on the inbox: what to run, the
+   environment, the init script and its ``arg``.
+5. run the init script; on failure report an InitError to the parent.
+6. close every descriptor but 0-2 and the inbox; zero the body.
+7. as PID 1, fork the actor (PID 2) and reap until it exits.
+8. set the environment, load the entry point, run it under anyio, and exit
+   with its status; an exception is reported to the parent as plain data.
+
+Nothing here imports modules after step 5: the init script may have
+pivot_root'ed into an empty tmpfs.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import traceback
+from typing import Any, NoReturn
+
+import prctl
+
+from . import _codec, _linux, _wire
+from .subprocess_init import InitScriptFailure, run_init_script
+
+INBOX_FD = 3
+_REPORT = struct.Struct("<ii")
+
+# Signals PID 1 forwards to the actor (Emilua's set).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                     signal.SIGUSR2)
+
+
+def _reset_signals() -> None:
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if sig == signal.SIGINT:
+                signal.signal(sig, signal.default_int_handler)
+            elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_IGN)  # as a fresh interpreter has them
+            else:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _alive(pidfd: int) -> bool:
+    return not select.select([pidfd], [], [], 0)[0]
+
+
+def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
+              stdio_fds: list[int], flags: int) -> NoReturn:
+    """Runs in the supervisor's fork. Never returns."""
+    try:
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if not _alive(sup_pidfd):
+            os._exit(1)
+        _setup_fds(report_w, inbox_fd, stdio, stdio_fds)
+        _reset_signals()
+        try:
+            _linux.unshare(flags)
+        except OSError as e:
+            os.write(100, _REPORT.pack(e.errno or errno.EIO, 0))
+            os._exit(1)
+        if flags & _linux.CLONE_NEWPID:
+            _fork_pid1()
+        else:
+            os.write(100, _REPORT.pack(0, os.getpid()))
+        os.close(100)
+        _run()
+    except BaseException:
+        try:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+
+def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int]) -> None:
+    # Park what we keep above the range we rearrange, then close the rest.
+    os.dup2(report_w, 100)
+    os.dup2(inbox_fd, 101)
+    for i, fd in enumerate(stdio_fds):
+        if fd >= 0:
+            os.dup2(fd, 102 + i)
+    _linux.close_range(3, 99)
+    _linux.close_range(102 + 3)
+    for i, action in enumerate(stdio):
+        if action == "fd":
+            os.dup2(102 + i, i)
+            os.close(102 + i)
+        elif action == "null":
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != i:
+                os.dup2(null, i)
+                os.close(null)
+    os.dup2(101, INBOX_FD)
+    os.close(101)
+    os.set_inheritable(INBOX_FD, False)
+
+
+def _fork_pid1() -> None:
+    """Forks the process that is PID 1 of the new namespace; the caller waits."""
+    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(gate_w)
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if select.select([gate_r], [], [], 0)[0]:  # our parent already died
+            os._exit(1)
+        os.close(gate_r)
+        return
+    # The waiter: report PID 1, drop everything, mirror its exit status.
+    os.write(100, _REPORT.pack(0, pid))
+    os.close(100)
+    os.close(gate_r)
+    _linux.close_range(3, gate_w - 1)
+    _linux.close_range(gate_w + 1)
+    prctl.set_name("pactors-nswait")
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(128 - code if code < 0 else code)
+
+
+def _report(kind: int, fields: dict[str, Any]) -> None:
+    data, _ = _codec.encode(fields, lambda _: None)
+    try:
+        sock = socket.socket(fileno=os.dup(INBOX_FD))
+        try:
+            sock.setblocking(True)
+            _wire.send_frame_blocking(sock, kind, data)
+        finally:
+            sock.close()
+    except OSError:
+        pass
+
+
+def _run() -> NoReturn:
+    inbox = socket.socket(fileno=INBOX_FD)
+    inbox.setblocking(True)
+    frame = _wire.recv_frame_blocking(inbox)
+    inbox.detach()
+    if frame is None or frame.kind != _wire.BODY:
+        os._exit(1)
+    body, script = _parse_body(frame)
+    init_arg = frame.fds[0] if body["has_init_arg"] else None
+
+    entry: Any = None
+    if body.get("callable") is not None:
+        import cloudpickle  # already imported by the supervisor; this is a dict lookup
+        entry = cloudpickle.loads(body["callable"])
+    body.pop("callable", None)
+
+    if script is not None:
+        try:
+            run_init_script(script, init_arg)
+        except InitScriptFailure as failure:
+            if body["stderr_shared"]:
+                from ._errors import InitError
+                print(f"pactors: {InitError(**failure.fields)}", file=sys.stderr, flush=True)
+            _report(_wire.INIT_ERROR, failure.fields)
+            os._exit(1)
+    # The init script's descriptors, `arg` included, die here.
+    _linux.close_range(INBOX_FD + 1)
+    frame.payload[:] = bytes(len(frame.payload))
+    del frame
+
+    if os.getpid() == 1:
+        _pid1()
+
+    from . import _runtime  # imported by the supervisor already
+    status = _runtime.run_process_actor(entry if entry is not None else body["module"],
+                                        body["environment"], INBOX_FD, _report)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _parse_body(frame: _wire.Frame) -> tuple[dict[str, Any], bytearray | None]:
+    import pickle
+    (head_len,) = struct.unpack_from("<I", frame.payload)
+    body: dict[str, Any] = pickle.loads(frame.payload[4:4 + head_len])
+    script = frame.payload[4 + head_len:] if body["has_script"] else None
+    return body, script
+
+
+def _pid1() -> None:
+    """Stays PID 1 of the namespace: forward signals, reap, exit with the actor.
+
+    Returns only in the forked actor (PID 2).
+    """
+    actor = 0
+    pending: list[int] = []
+
+    def forward(sig: int, _frame: object) -> None:
+        if actor:
+            os.kill(actor, sig)
+        else:
+            pending.append(sig)
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _reset_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return
+    actor = pid
+    os.close(INBOX_FD)  # the actor alone holds the inbox, so it sees EOF alone
+    prctl.set_name("pactors-init")
+    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    for sig in pending:
+        os.kill(actor, sig)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(1)
+        if pid == actor:
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)

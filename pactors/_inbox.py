@@ -1,0 +1,413 @@
+"""Inboxes, channels, and the values a message may carry.
+
+An inbox reads from any number of *sources*: one SEQPACKET socket per sender.
+An address is a capability: encoding one mints a fresh socket pair, hands the
+read end to the target inbox and sends the write end, so every holder has its
+own one-way channel that it alone can close (Emilua's model).
+
+An inbox watches its sources with one epoll descriptor, and reads only while
+somebody is in ``receive()``: the sources' socket buffers are the flow control.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import select
+import socket
+import stat
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from . import _codec, _wire
+from ._errors import ChannelClosed, MessageError, NoSenders
+
+MAX_SOURCES = 4096
+
+
+class Fd:
+    """A file descriptor inside a message.
+
+    Wrap a descriptor (an int or anything with ``fileno()``) to send it; the
+    sender keeps its own copy. A received ``Fd`` is close-on-exec and owned by
+    the receiver: use it as an int (``os.write(msg["fd"], ...)``), and call
+    ``close()``, or ``detach()`` to take the raw descriptor. An owned ``Fd``
+    that is garbage-collected is closed.
+    """
+
+    __slots__ = ("_fd", "_owned")
+
+    def __init__(self, fd: int | Any) -> None:
+        if isinstance(fd, Fd):
+            fd = fd.fileno()
+        elif not isinstance(fd, int):
+            fd = fd.fileno()
+        if not isinstance(fd, int) or fd < 0:
+            raise ValueError(f"not a file descriptor: {fd!r}")
+        self._fd: int = fd
+        self._owned = False
+
+    @classmethod
+    def _adopt(cls, fd: int) -> Fd:
+        obj = cls(fd)
+        obj._owned = True
+        return obj
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("Fd is closed or detached")
+        return self._fd
+
+    __index__ = fileno
+    __int__ = fileno
+
+    def detach(self) -> int:
+        """Returns the descriptor and gives up ownership of it."""
+        fd = self.fileno()
+        self._fd = -1
+        self._owned = False
+        return fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and self._owned:
+            self._owned = False
+            os.close(fd)
+
+    def __enter__(self) -> Fd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._owned and self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = "owned" if self._owned else "borrowed"
+        return f"<pactors.Fd {self._fd} {state}>" if self._fd >= 0 else "<pactors.Fd closed>"
+
+
+def _classify(value: Any) -> str | None:
+    if isinstance(value, Fd):
+        return _codec.HANDLE_FD
+    if isinstance(value, (Channel, Inbox)):
+        return _codec.HANDLE_ADDRESS
+    return None
+
+
+class Channel:
+    """A one-way channel into an inbox: an actor's address as its holder sees it.
+
+    ``await send(msg)`` returns once the kernel has queued the message; it is
+    not a rendezvous. ``close()`` ends this channel only; other holders of the
+    same inbox's address are unaffected. A channel is itself an address:
+    putting it in a message gives the receiver a new channel of its own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock: socket.socket | None = sock
+        self._lock = anyio.Lock()
+
+    @property
+    def address(self) -> Channel:
+        """The value to put in a message to give the receiver its own channel."""
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            raise ChannelClosed("the channel is closed")
+        return self._sock
+
+    async def send(self, msg: Any) -> None:
+        """Encodes ``msg`` and queues it for the inbox.
+
+        Raises MessageError when ``msg`` cannot be sent, and ChannelClosed when
+        the channel was closed or the inbox is gone.
+        """
+        data, handles = _codec.encode(msg, _classify)
+        async with self._lock:
+            sock = self._socket()
+            fds: list[int] = []
+            minted: list[int] = []
+            try:
+                for handle in handles:
+                    if isinstance(handle, Fd):
+                        fds.append(handle.fileno())
+                    else:
+                        fd = await handle._mint()
+                        minted.append(fd)
+                        fds.append(fd)
+                await self._send_frame(sock, _wire.MSG, data, fds)
+            finally:
+                _wire.close_all(minted)
+
+    async def _send_frame(self, sock: socket.socket, kind: int, data: bytes,
+                          fds: list[int]) -> None:
+        try:
+            await _wire.send_frame(sock, kind, data, fds)
+        except OSError as e:
+            if _wire.is_disconnect(e):
+                self._on_disconnect()
+            raise
+
+    def _on_disconnect(self) -> None:
+        raise ChannelClosed("the receiving inbox is gone (its actor ended or closed it)")
+
+    async def _mint(self) -> int:
+        """Creates a new sender for our inbox; returns its write end."""
+        reader, writer = _wire.seqpacket_pair()
+        try:
+            reader.shutdown(socket.SHUT_WR)
+            writer.shutdown(socket.SHUT_RD)
+            async with self._lock:
+                await self._send_frame(self._socket(), _wire.NEW_SOURCE, b"", [reader.fileno()])
+            return writer.detach()
+        except BaseException:
+            writer.close()
+            raise
+        finally:
+            reader.close()
+
+    def close(self) -> None:
+        """Closes this channel. Idempotent."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            if _in_async():
+                anyio.notify_closing(sock)
+            sock.close()
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<pactors.Channel fd={self._sock.fileno() if self._sock else 'closed'}>"
+
+
+def _in_async() -> bool:
+    try:
+        anyio.get_current_task()
+        return True
+    except anyio.NoEventLoopError:
+        return False
+
+
+class Inbox:
+    """Where an actor receives its messages.
+
+    ``receive()`` returns the next message from any sender. It raises
+    ChannelClosed once the inbox is closed, and NoSenders when every sender is
+    gone (nobody could ever send again). One receiver at a time: a second
+    concurrent ``receive()`` raises RuntimeError.
+
+    A malformed message closes the channel it came on, and only that one.
+    """
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = select.epoll(flags=select.EPOLL_CLOEXEC)
+        self._sources: dict[int, socket.socket] = {}
+        self._ready: collections.deque[int] = collections.deque()
+        self._receiving = False
+        self.dropped = 0  # channels closed because they sent malformed messages
+
+    # Sources -----------------------------------------------------------
+
+    def _add_source(self, sock: socket.socket) -> None:
+        if self._epoll is None:
+            sock.close()
+            return
+        if len(self._sources) >= MAX_SOURCES:
+            sock.close()
+            raise MessageError(f"inbox already has {MAX_SOURCES} senders")
+        sock.setblocking(False)
+        self._sources[sock.fileno()] = sock
+        self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+
+    def _drop_source(self, fd: int) -> None:
+        sock = self._sources.pop(fd, None)
+        if sock is not None:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            sock.close()
+
+    def _adopt_source_fd(self, fd: int) -> None:
+        """Adds a received descriptor as a source after checking what it is."""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise MessageError("new sender is not a socket")
+            sock = socket.socket(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            sock.close()
+            raise MessageError("new sender is not a UNIX seqpacket socket")
+        self._add_source(sock)
+
+    @property
+    def address(self) -> Inbox:
+        """The value to put in a message so the receiver can send to this inbox."""
+        return self
+
+    async def _mint(self) -> int:
+        if self._epoll is None:
+            raise ChannelClosed("the inbox is closed")
+        reader, writer = _wire.seqpacket_pair()
+        reader.shutdown(socket.SHUT_WR)
+        writer.shutdown(socket.SHUT_RD)
+        self._add_source(reader)
+        return writer.detach()
+
+    def _new_local_channel(self) -> Channel:
+        """A channel into this inbox for an actor in this process."""
+        reader, writer = _wire.seqpacket_pair()
+        self._add_source(reader)
+        return Channel(writer)
+
+    # Receiving ---------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll is None
+
+    async def receive(self) -> Any:
+        """Waits for and returns the next message."""
+        if self._receiving:
+            raise RuntimeError("another task is already receiving on this inbox")
+        self._receiving = True
+        try:
+            while True:
+                if self._epoll is None:
+                    raise ChannelClosed("the inbox is closed")
+                if not self._ready:
+                    for fd, _ in self._epoll.poll(0):
+                        self._ready.append(fd)
+                if not self._ready:
+                    if not self._sources:
+                        raise NoSenders(
+                            "no senders left for this inbox: send its address to "
+                            "somebody before receiving on it")
+                    await anyio.wait_readable(self._epoll.fileno())
+                    continue
+                fd = self._ready.popleft()
+                sock = self._sources.get(fd)
+                if sock is None:
+                    continue
+                found, msg = self._read_one(fd, sock)
+                if found:
+                    return msg
+        finally:
+            self._receiving = False
+
+    def _read_one(self, fd: int, sock: socket.socket) -> tuple[bool, Any]:
+        try:
+            frame = _wire.recv_frame_nowait(sock)
+        except BlockingIOError:
+            return False, None
+        except (OSError, MessageError):
+            self.dropped += 1
+            self._drop_source(fd)
+            return False, None
+        if frame is None:
+            self._drop_source(fd)
+            return False, None
+        # A sender that still has more queued stays in the ready list.
+        self._ready.append(fd)
+        try:
+            if frame.kind == _wire.NEW_SOURCE:
+                if len(frame.fds) != 1 or frame.payload:
+                    raise MessageError("malformed new-sender frame")
+                self._adopt_source_fd(frame.fds.pop())
+                return False, None
+            if frame.kind != _wire.MSG:
+                raise MessageError(f"unexpected frame kind {frame.kind}")
+            return True, decode_message(frame)
+        except MessageError:
+            frame.close_fds()
+            self.dropped += 1
+            self._drop_source(fd)
+            return False, None
+
+    def close(self) -> None:
+        """Closes the inbox and every sender's channel. Idempotent."""
+        ep, self._epoll = self._epoll, None
+        if ep is None:
+            return
+        if _in_async():
+            anyio.notify_closing(ep.fileno())
+        for sock in self._sources.values():
+            sock.close()
+        self._sources.clear()
+        self._ready.clear()
+        ep.close()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                yield await self.receive()
+            except (ChannelClosed, NoSenders):
+                return
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self._sources)} senders"
+        return f"<pactors.Inbox {state}>"
+
+
+def decode_message(frame: _wire.Frame) -> Any:
+    """Decodes a MSG frame, taking ownership of its descriptors."""
+    made: list[Fd | _ChannelRef] = []
+    fds = frame.fds
+
+    def make_handle(kind: str, index: int) -> Any:
+        if kind == _codec.HANDLE_FD:
+            fd_obj = Fd._adopt(fds[index])
+            made.append(fd_obj)
+            return fd_obj
+        sock = socket.socket(fileno=fds[index])
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            sock.detach()
+            raise MessageError("address is not a UNIX seqpacket socket")
+        channel = Channel(sock)
+        made.append(_ChannelRef(channel))
+        return channel
+
+    try:
+        value = _codec.decode(frame.payload, len(fds), make_handle)
+    except MessageError:
+        for obj in made:
+            obj.detach()
+        raise
+    frame.fds = []
+    return value
+
+
+class _ChannelRef:
+    """Lets a half-decoded channel give its descriptor back on failure."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def detach(self) -> int:
+        sock = self.channel._sock
+        self.channel._sock = None
+        return sock.detach() if sock is not None else -1

@@ -1,0 +1,274 @@
+"""The per-process runtime: actor contexts, the supervisor connection, ``run``.
+
+Every process running pactors has one ``_Runtime``: a root task group that
+hosts in-process actors and the supervisor reader, and a lazily forked
+supervisor. Every actor (the program's ``main`` included) has an
+``_ActorContext``: its inbox and the children it spawned, which are killed
+when it ends unless detached.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import signal
+import socket
+import struct
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from . import _supervisor, _wire
+from ._errors import PactorsError
+from ._inbox import Inbox
+
+_current: contextvars.ContextVar[_ActorContext] = contextvars.ContextVar("pactors_actor")
+
+
+class _ActorContext:
+    def __init__(self, runtime: _Runtime, inbox: Inbox) -> None:
+        self.runtime = runtime
+        self.inbox = inbox
+        self.children: list[Any] = []  # vm.Actor, kept until they end or detach
+
+    def kill_children(self) -> None:
+        for child in self.children:
+            child._kill_on_parent_exit()
+        self.children.clear()
+
+
+def current_inbox() -> Inbox:
+    """The inbox of the actor this task belongs to."""
+    return _context().inbox
+
+
+def _context() -> _ActorContext:
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("not inside a pactors actor: start the program with "
+                           "pactors.run(main)") from None
+
+
+class _SupervisorClient:
+    """This process's connection to its supervisor."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.pid = pid
+        self._next_id = 0
+        self._pending: dict[int, tuple[anyio.Event, list[Any]]] = {}
+        self._exits: dict[int, Callable[[int], None]] = {}
+        self._early_exits: dict[int, int] = {}
+        self._lock = anyio.Lock()
+        self.broken: str | None = None
+
+    async def request(self, header: dict[str, Any], fds: list[int]) -> tuple[dict[str, Any],
+                                                                              list[int]]:
+        if self.broken:
+            raise PactorsError(f"the supervisor is gone: {self.broken}")
+        self._next_id += 1
+        rid = header["id"] = self._next_id
+        event = anyio.Event()
+        slot: list[Any] = []
+        self._pending[rid] = (event, slot)
+        try:
+            async with self._lock:
+                while True:
+                    try:
+                        _wire._sendmsg(self.sock, json.dumps(header).encode(), fds)
+                        break
+                    except BlockingIOError:
+                        await anyio.wait_writable(self.sock)
+            await event.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if not slot:
+            raise PactorsError(f"the supervisor is gone: {self.broken}")
+        reply, reply_fds = slot
+        return reply, reply_fds
+
+    def notify(self, header: dict[str, Any]) -> None:
+        """Sends a request that has no reply."""
+        try:
+            _wire._sendmsg(self.sock, json.dumps(header).encode(), [])
+        except OSError:
+            pass
+
+    def on_exit(self, pid: int, callback: Callable[[int], None]) -> None:
+        if pid in self._early_exits:
+            callback(self._early_exits.pop(pid))
+        else:
+            self._exits[pid] = callback
+
+    async def serve(self) -> None:
+        """Dispatches replies and exit reports until the supervisor goes."""
+        try:
+            while True:
+                try:
+                    data, ancdata, flags, _ = self.sock.recvmsg(
+                        4096, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+                except BlockingIOError:
+                    try:
+                        await anyio.wait_readable(self.sock)
+                    except (anyio.ClosedResourceError, OSError):
+                        self.broken = "this process closed its connection"
+                        return
+                    continue
+                fds: list[int] = []
+                for level, ctype, cdata in ancdata:
+                    if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                        fds.extend(struct.unpack(f"{len(cdata) // 4}i",
+                                                 cdata[:len(cdata) // 4 * 4]))
+                if not data:
+                    self.broken = "its connection closed"
+                    return
+                msg = json.loads(data)
+                if msg.get("op") == "exit":
+                    callback = self._exits.pop(msg["pid"], None)
+                    if callback is not None:
+                        callback(msg["status"])
+                    else:
+                        self._early_exits[msg["pid"]] = msg["status"]
+                    continue
+                pending = self._pending.get(msg.get("id"))
+                if pending is None:
+                    _wire.close_all(fds)
+                    continue
+                event, slot = pending
+                slot.extend((msg, fds))
+                event.set()
+        finally:
+            self.broken = self.broken or "its reader stopped"
+            for event, _ in self._pending.values():
+                event.set()
+            for callback in self._exits.values():
+                callback(-1)
+            self._exits.clear()
+
+    def close(self) -> None:
+        anyio.notify_closing(self.sock)
+        self.sock.close()
+
+
+class _Runtime:
+    def __init__(self, tg: anyio.abc.TaskGroup) -> None:
+        self.tg = tg
+        self._supervisor: _SupervisorClient | None = None
+
+    def adopt_supervisor(self, sock: socket.socket, pid: int) -> None:
+        self._supervisor = _SupervisorClient(sock, pid)
+        self.tg.start_soon(self._supervisor.serve, name="pactors supervisor reader")
+
+    def supervisor(self) -> _SupervisorClient:
+        if self._supervisor is None:
+            sock, pid = _supervisor.start()
+            self.adopt_supervisor(sock, pid)
+        assert self._supervisor is not None
+        return self._supervisor
+
+    def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.close()
+
+
+async def _run_actor_body(runtime: _Runtime, inbox: Inbox,
+                          body: Callable[[Inbox], Awaitable[Any]]) -> Any:
+    """Runs ``body(inbox)`` as an actor: its own context, its children killed after."""
+    ctx = _ActorContext(runtime, inbox)
+    token = _current.set(ctx)
+    try:
+        return await body(inbox)
+    finally:
+        _current.reset(token)
+        ctx.kill_children()
+        inbox.close()
+
+
+def run(main: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio") -> Any:
+    """Runs the program's ``main(*args)`` as the root actor and returns its result.
+
+    Forks the supervisor first, before any thread or event loop exists, so
+    that every subprocess actor is forked from a clean single-threaded image.
+    """
+    sup = _supervisor.start()
+
+    async def root() -> Any:
+        async with anyio.create_task_group() as tg:
+            runtime = _Runtime(tg)
+            runtime.adopt_supervisor(*sup)
+            try:
+                return await _run_actor_body(runtime, Inbox(), lambda _inbox: main(*args))
+            finally:
+                runtime.close()
+                tg.cancel_scope.cancel()
+
+    try:
+        return anyio.run(root, backend=backend)
+    except BaseExceptionGroup as group:
+        raise _unwrap(group) from None
+
+
+def _exception_fields(exc: BaseException) -> dict[str, Any]:
+    return {
+        "type": type(exc).__qualname__,
+        "message": str(exc)[:65536],
+        "traceback": "".join(traceback.format_exception(exc))[-262144:],
+    }
+
+
+def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: int,
+                      report: Callable[[int, dict[str, Any]], None]) -> int:
+    """The body of a subprocess actor after its init script; returns the exit status."""
+    from . import vm
+
+    os.environ.clear()
+    os.environ.update(environment or {})
+    try:
+        func = vm.resolve_entry(entry)
+    except BaseException as e:
+        report(_wire.ACTOR_ERROR, _exception_fields(e))
+        return 1
+
+    async def process_main() -> int:
+        inbox = Inbox()
+        inbox._add_source(socket.socket(fileno=inbox_fd))
+        async with anyio.create_task_group() as tg:
+            runtime = _Runtime(tg)
+            try:
+                result = await _run_actor_body(runtime, inbox, func)
+            finally:
+                runtime.close()
+                tg.cancel_scope.cancel()
+        return _exit_status(result)
+
+    try:
+        return anyio.run(process_main)
+    except BaseException as e:
+        if isinstance(e, SystemExit):
+            return _exit_status(e.code)
+        if isinstance(e, KeyboardInterrupt):
+            return 128 + signal.SIGINT
+        report(_wire.ACTOR_ERROR, _exception_fields(_unwrap(e)))
+        return 1
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _exit_status(result: Any) -> int:
+    if result is None or result is True:
+        return 0
+    if isinstance(result, bool):
+        return 1
+    if isinstance(result, int):
+        return result & 0xFF
+    return 0

@@ -1,0 +1,264 @@
+"""The supervisor: a single-threaded process that forks every subprocess actor.
+
+Each process that spawns subprocess actors has one supervisor, forked from it
+while it still has no thread (``pactors.run`` forks it first thing). The
+supervisor never runs an event loop and never unpickles anything: requests
+are small JSON headers with descriptors. Because children are forked from its
+warm, frozen image, a spawn costs a fork, not an interpreter start.
+
+Duties:
+- fork children on request, reply with the pid and a pidfd;
+- reap every child and orphan (it is a child subreaper), and report each
+  actor's exit status to its spawner;
+- when the spawner's connection closes, SIGKILL the children it did not
+  detach, wait for the rest, then exit.
+
+The child's side of a spawn lives in ``_child``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import errno
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+from typing import Any, NoReturn
+
+import prctl
+
+from . import _child, _linux, _wire
+
+_REPORT = struct.Struct("<ii")  # (errno, pid), child to supervisor
+MAX_REQUEST = 4096
+
+# stdio actions in a spawn request
+STDIO_SHARE = "share"
+STDIO_NULL = "null"
+STDIO_FD = "fd"
+
+
+def start() -> tuple[socket.socket, int]:
+    """Forks a supervisor for this process; returns its socket and pid.
+
+    The caller must have no other thread: fork would copy it half-way.
+    """
+    if threading.active_count() > 1:
+        raise RuntimeError(
+            "pactors cannot fork its supervisor: this process already runs threads. "
+            "Call pactors.run() at program start, and spawn subprocess actors from an "
+            "actor before it starts threads")
+    ours, theirs = _wire.seqpacket_pair()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            # A fresh context: nothing of the forking task's context variables
+            # (current actor, async library) reaches actors forked from here.
+            contextvars.Context().run(_main, theirs)
+        finally:
+            os._exit(0)
+    theirs.close()
+    return ours, pid
+
+
+def _preload() -> None:
+    """Imports what every actor needs, once, so that forks start warm.
+
+    Actors may also run after pivot_root into an empty root, where no module
+    can be imported any more.
+    """
+    import anyio._backends._asyncio  # noqa: F401
+    import asyncio.selector_events  # noqa: F401
+    import asyncio.unix_events  # noqa: F401
+    import linecache  # noqa: F401
+    import pickle  # noqa: F401
+
+    import cloudpickle  # noqa: F401
+
+    from . import _runtime, vm  # noqa: F401
+
+
+class _Child:
+    __slots__ = ("detached", "report_pid")
+
+    def __init__(self, report_pid: int) -> None:
+        self.report_pid = report_pid  # the pid the spawner knows (PID 1 of a new pidns)
+        self.detached = False
+
+
+def _main(sock: socket.socket) -> NoReturn:
+    # Keep only stdio and the control socket.
+    os.dup2(sock.fileno(), 3)
+    sock.detach()
+    _linux.close_range(4)
+    sock = socket.socket(fileno=3)
+    sock.setblocking(True)
+    asyncio.events._set_running_loop(None)  # we may be forked from inside an event loop
+    _preload()
+
+    prctl.set_child_subreaper(1)
+    prctl.set_name("pactors-sup")
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    # Ctrl-C reaches the whole process group; the supervisor finishes its
+    # work when its spawner's connection closes instead.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_IGN)
+    gc.collect()
+    gc.freeze()  # keep the heap pages shared with every child we fork
+
+    sup = _Supervisor(sock)
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while sup.connected or sup.children:
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                try:
+                    while os.read(wake_r, 256):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif sup.connected and not sup.serve_one():
+                poller.unregister(sock.fileno())
+        sup.reap()
+    os._exit(0)
+
+
+class _Supervisor:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.connected = True
+        self.children: dict[int, _Child] = {}  # keyed by the pid we reap
+        self.pidfd = os.pidfd_open(os.getpid())
+
+    def serve_one(self) -> bool:
+        """Handles one request; returns False when the spawner is gone."""
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(
+                MAX_REQUEST, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            return True
+        except OSError:
+            data, ancdata, flags = b"", [], 0
+        fds: list[int] = []
+        for level, ctype, cdata in ancdata:
+            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+                fds.extend(struct.unpack(f"{len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]))
+        if not data:
+            _wire.close_all(fds)
+            self.disconnect()
+            return False
+        try:
+            req = json.loads(data)
+            op = req["op"]
+            if op == "spawn":
+                self.spawn(req, fds)
+            elif op == "detach":
+                child = self.children.get(int(req["pid"]))
+                if child is not None:
+                    child.detached = True
+            elif op == "kill":
+                self.kill(int(req["pid"]), int(req["signal"]))
+        except Exception as e:  # a bug in our own client: report, keep serving
+            self.send({"id": req.get("id") if isinstance(req, dict) else None,
+                       "errno": errno.EINVAL, "message": f"bad supervisor request: {e}"})
+        finally:
+            _wire.close_all(fds)
+        return True
+
+    def send(self, obj: dict[str, Any], fds: list[int] = []) -> None:  # noqa: B006
+        if not self.connected:
+            return
+        try:
+            _wire._sendmsg(self.sock, json.dumps(obj).encode(), fds)
+        except BlockingIOError:
+            self.sock.setblocking(True)
+            self.send(obj, fds)
+        except OSError:
+            self.disconnect()
+
+    def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
+        flags = int(req["flags"])
+        stdio: list[str] = list(req["stdio"])
+        inbox_fd = fds[0]
+        it = iter(fds[1:])
+        stdio_fds = [next(it) if action == STDIO_FD else -1 for action in stdio]
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            os.close(report_r)
+            os.close(report_w)
+            self.send({"id": req["id"], "errno": e.errno, "message": f"fork: {e.strerror}"})
+            return
+        if pid == 0:
+            _child.bootstrap(self.pidfd, report_w, inbox_fd, stdio, stdio_fds, flags)
+        os.close(report_w)
+        report = b""
+        while len(report) < _REPORT.size:
+            try:
+                chunk = os.read(report_r, _REPORT.size - len(report))
+            except InterruptedError:
+                continue
+            if not chunk:
+                break
+            report += chunk
+        os.close(report_r)
+        err, real_pid = _REPORT.unpack(report) if len(report) == _REPORT.size else (errno.ECHILD, 0)
+        if err:
+            os.waitpid(pid, 0)
+            self.send({"id": req["id"], "errno": err, "message": "spawning the actor failed"})
+            return
+        pidfd = os.pidfd_open(real_pid)
+        try:
+            self.children[pid] = _Child(real_pid)
+            self.send({"id": req["id"], "errno": 0, "pid": real_pid}, [pidfd])
+        finally:
+            os.close(pidfd)
+
+    def kill(self, pid: int, sig: int) -> None:
+        for child_pid, child in self.children.items():
+            if child.report_pid == pid:
+                os.kill(child_pid, sig)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            child = self.children.pop(pid, None)
+            if child is not None:
+                code = os.waitstatus_to_exitcode(status)
+                self.send({"op": "exit", "pid": child.report_pid,
+                           "status": 128 - code if code < 0 else code})
+
+    def disconnect(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.sock.close()
+        for pid, child in self.children.items():
+            if not child.detached:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -1,0 +1,205 @@
+"""Frames over AF_UNIX SOCK_SEQPACKET sockets, with descriptors.
+
+A frame is one datagram: a kind byte, a flag byte, the payload, and up to
+``MAX_FDS`` descriptors in SCM_RIGHTS. A payload larger than ``INLINE_MAX``
+travels in a sealed memfd sent as the first descriptor, so the limit on a
+message does not depend on socket buffer sizes.
+
+Receiving always uses MSG_CMSG_CLOEXEC, and treats MSG_TRUNC and MSG_CTRUNC
+as errors: anyio's own fd passing silently drops both (see
+python-building-blocks.md, section 3).
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+
+import anyio
+
+from ._codec import MAX_FDS, MAX_MESSAGE_BYTES
+from ._errors import MessageError
+
+# Frame kinds.
+MSG = 1  # a message for the inbox
+NEW_SOURCE = 2  # the one descriptor is a new sender socket for this inbox
+BODY = 3  # parent to child at spawn: what to run (the only pickled frame)
+INIT_ERROR = 4  # child to parent: the init script failed
+ACTOR_ERROR = 5  # child to parent: an exception escaped main
+
+_F_SPILL = 1
+
+INLINE_MAX = 64 * 1024
+_HEADER = struct.Struct("<BB")
+_SPILL = struct.Struct("<BBQ")
+_REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+_RECV_BUFSIZE = _SPILL.size + INLINE_MAX
+_ANCBUFSIZE = socket.CMSG_SPACE((MAX_FDS + 1) * 4)
+
+
+class Frame:
+    __slots__ = ("fds", "kind", "payload")
+
+    def __init__(self, kind: int, payload: bytearray, fds: list[int]) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.fds = fds
+
+    def close_fds(self) -> None:
+        close_all(self.fds)
+        self.fds = []
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of close-on-exec SEQPACKET sockets."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+def _pack(kind: int, payload: bytes | bytearray | memoryview,
+          fds: list[int]) -> tuple[bytes, list[int], int | None]:
+    """Returns the datagram, its descriptors, and a memfd to close after sending."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {len(payload)} bytes exceeds the limit of "
+                           f"{MAX_MESSAGE_BYTES} bytes")
+    if len(fds) > MAX_FDS:
+        raise MessageError(f"a message carries at most {MAX_FDS} descriptors, not {len(fds)}")
+    if len(payload) <= INLINE_MAX:
+        return _HEADER.pack(kind, 0) + bytes(payload), fds, None
+    memfd = os.memfd_create("pactors-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(memfd, view):]
+        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(memfd)
+        raise
+    return _SPILL.pack(kind, _F_SPILL, len(payload)), [memfd, *fds], memfd
+
+
+def _sendmsg(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([data], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+
+
+def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearray,
+                        fds: list[int] = []) -> None:  # noqa: B006 - never mutated
+    data, allfds, memfd = _pack(kind, payload, fds)
+    try:
+        while True:
+            try:
+                _sendmsg(sock, data, allfds)
+                return
+            except BlockingIOError:
+                select.select([], [sock], [])
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
+async def send_frame(sock: socket.socket, kind: int, payload: bytes | bytearray,
+                     fds: list[int] = []) -> None:  # noqa: B006 - never mutated
+    """Sends one frame, waiting while the socket is full."""
+    data, allfds, memfd = _pack(kind, payload, fds)
+    try:
+        while True:
+            try:
+                _sendmsg(sock, data, allfds)
+                return
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
+def _unspill(memfd: int, length: int) -> bytearray:
+    if length > MAX_MESSAGE_BYTES:
+        raise MessageError(f"message of {length} bytes exceeds the limit")
+    st = os.fstat(memfd)
+    seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+    if (seals & _REQUIRED_SEALS) != _REQUIRED_SEALS or st.st_size != length:
+        raise MessageError("message spill file is not a sealed memfd of the stated size")
+    buf = bytearray(length)
+    view = memoryview(buf)
+    offset = 0
+    while offset < length:
+        n = os.preadv(memfd, [view[offset:]], offset)
+        if n <= 0:
+            raise MessageError("message spill file is short")
+        offset += n
+    return buf
+
+
+def recv_frame_nowait(sock: socket.socket) -> Frame | None:
+    """Receives one frame without blocking.
+
+    Returns None at end of stream. Raises BlockingIOError when no frame is
+    queued, and MessageError when the frame is malformed, truncated or
+    carries too many descriptors; its descriptors are closed then.
+    """
+    buf = bytearray(_RECV_BUFSIZE)
+    nbytes, ancdata, flags, _ = sock.recvmsg_into(
+        [buf], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[:len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    try:
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise MessageError("message truncated: too large or too many descriptors")
+        if nbytes == 0 and not fds:
+            return None
+        if nbytes < _HEADER.size:
+            raise MessageError("runt frame")
+        kind, fflags = _HEADER.unpack_from(buf)
+        if fflags & _F_SPILL:
+            if nbytes != _SPILL.size or not fds:
+                raise MessageError("malformed spilled frame")
+            (length,) = struct.unpack_from("<Q", buf, _HEADER.size)
+            memfd = fds.pop(0)
+            try:
+                payload = _unspill(memfd, length)
+            finally:
+                os.close(memfd)
+        elif fflags:
+            raise MessageError("unknown frame flags")
+        else:
+            del buf[nbytes:]
+            del buf[:_HEADER.size]
+            payload = buf
+        if len(fds) > MAX_FDS:
+            raise MessageError(f"frame carries more than {MAX_FDS} descriptors")
+        return Frame(kind, payload, fds)
+    except BaseException:
+        close_all(fds)
+        raise
+
+
+def recv_frame_blocking(sock: socket.socket) -> Frame | None:
+    while True:
+        try:
+            return recv_frame_nowait(sock)
+        except BlockingIOError:
+            select.select([sock], [], [])
+        except InterruptedError:
+            continue
+
+
+def is_disconnect(exc: OSError) -> bool:
+    return exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
