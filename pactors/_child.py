@@ -144,17 +144,20 @@ def _fork_pid1() -> None:
     os._exit(128 - code if code < 0 else code)
 
 
+_status_fd = INBOX_FD
+
+
 def _report(kind: int, fields: dict[str, Any]) -> None:
+    """Sends an error report to the parent on the spawn channel."""
     data, _ = _codec.encode(fields, lambda _: None)
+    sock = socket.socket(fileno=_status_fd)
     try:
-        sock = socket.socket(fileno=os.dup(INBOX_FD))
-        try:
-            sock.setblocking(True)
-            _wire.send_frame_blocking(sock, kind, data)
-        finally:
-            sock.close()
+        sock.setblocking(True)
+        _wire.send_frame_blocking(sock, kind, data)
     except OSError:
         pass
+    finally:
+        sock.detach()
 
 
 def _run() -> NoReturn:
@@ -190,6 +193,9 @@ def _run() -> NoReturn:
     if os.getpid() == 1:
         _pid1()
 
+    # The actor closes its inbox when main ends; errors still need a way out.
+    global _status_fd
+    _status_fd = os.dup(INBOX_FD)
     from . import _runtime  # imported by the supervisor already
     status = _runtime.run_process_actor(entry if entry is not None else body["module"],
                                         body["environment"], INBOX_FD, _report)

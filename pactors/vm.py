@@ -254,6 +254,8 @@ class Actor:
 
     def _raise_reported(self) -> None:
         """Raises an error the child reported on the channel, if any."""
+        if isinstance(self._error, (InitError, ActorError)):
+            raise self._error
         sock = self._status_sock
         if sock is None:
             return

@@ -1,0 +1,401 @@
+"""pactors in new namespaces: the seed's container, init errors, PID 1, system.spawn.
+
+Everything runs as root on the real kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import pactors
+from seed_container import SEED_INIT_SCRIPT, SEED_ROOT
+
+ALL_NS = dict(newns_user=True, newns_mount=True, newns_pid=True, newns_net=True,
+              newns_uts=True, newns_ipc=True)
+PATH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+REPORT_APP = """
+import os, socket
+async def main(inbox):
+    msg = await inbox.receive()
+    def read(path):
+        with open(path) as f:
+            return f.read().strip()
+    await msg["reply_to"].send({
+        "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+        "hostname": socket.gethostname(), "root": sorted(os.listdir("/")),
+        "net": sorted(os.listdir("/sys/class/net")),
+        "lo_flags": int(read("/sys/class/net/lo/flags"), 16),
+        "groups": os.getgroups(),
+    })
+"""
+
+
+async def start_seed_container(app_source: str, **extra: Any) -> tuple[pactors.Actor, int]:
+    """Runs the seed's host code: maps between sync points, lo up, /app.py."""
+    shost, sguest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with shost:
+        actor = await pactors.spawn_actor("/app.py", subprocess=pactors.Subprocess(
+            **ALL_NS, init=pactors.Init(script=SEED_INIT_SCRIPT, arg=sguest),
+            stdout="share", stderr="share", environment={"LANG": "C.UTF-8"}, **extra))
+        sguest.close()
+        pid = actor.child_pid
+        assert pid is not None
+        uidmap = os.open(f"/proc/{pid}/uid_map", os.O_WRONLY)
+        setgroups = os.open(f"/proc/{pid}/setgroups", os.O_WRONLY)
+        gidmap = os.open(f"/proc/{pid}/gid_map", os.O_WRONLY)
+        userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY)
+        netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            # sync point #1: pid still valid, so the files opened are the child's
+            shost.send(b".")
+            assert shost.recv(1) == b"."
+            os.write(uidmap, b"0 0 1\n1000 1000 1\n")
+            os.write(setgroups, b"allow")
+            os.write(gidmap, b"0 0 1\n1000 1000 1\n")
+            # sync point #2
+            shost.send(b".")
+            ip = pactors.system.spawn("ip", ["ip", "link", "set", "dev", "lo", "up"],
+                                      environment=PATH_ENV, stderr="share",
+                                      nsenter_user=userns, nsenter_net=netns)
+            assert await ip.wait() == 0
+            _, fds, _, _ = socket.recv_fds(shost, 1, 1)
+            with open(fds[0], "w") as module:
+                module.write(app_source)
+        finally:
+            for fd in (uidmap, setgroups, gidmap, userns, netns):
+                os.close(fd)
+    # sync point #3 is the close of shost
+    return actor, pid
+
+
+def test_seed_container_end_to_end() -> None:
+    async def main() -> dict[str, Any]:
+        actor, _ = await start_seed_container(REPORT_APP)
+        inbox = pactors.current_inbox()
+        await actor.send({"reply_to": inbox.address})
+        report = await inbox.receive()
+        assert await actor.wait() == 0
+        return report  # type: ignore[no-any-return]
+
+    report = pactors.run(main)
+    assert report["pid"] == 2  # PID 1 is the reaper
+    assert report["uid"] == 1000 and report["gid"] == 1000
+    assert report["groups"] == []
+    assert report["hostname"] == "packxd-test"
+    assert report["root"] == SEED_ROOT
+    assert report["net"] == ["lo"]
+    assert report["lo_flags"] & 1, "system.spawn's `ip link set lo up` did not reach the container"
+
+
+EMPTY_ROOT_SCRIPT = r"""
+C.read(arg, 1)
+C.mount(None, '/', None, C.MS_PRIVATE | C.MS_REC)
+C.mount(None, '/mnt', 'tmpfs', 0, 'mode=0755')
+C.mkdir('/mnt/old', mode(7, 0, 0))
+C.chdir('/mnt')
+C.pivot_root('.', '/mnt/old')
+C.chroot('.')
+C.umount2('/old', C.MNT_DETACH)
+send_with_fd(arg, '.', C.open('/app.py', C.O_WRONLY | C.O_CREAT, mode(6, 4, 4)))
+C.read(arg, 1)
+"""
+
+EMPTY_ROOT_APP = """
+import os
+async def main(inbox):
+    msg = await inbox.receive()
+    await msg["reply_to"].send({"root": sorted(os.listdir("/")), "old": os.listdir("/old"),
+                                "echo": msg["echo"], "fd": msg["fd"]})
+    raise LookupError("the traceback is formatted without the host filesystem")
+"""
+
+
+def test_runtime_survives_pivot_root_into_empty_tmpfs() -> None:
+    async def main() -> tuple[dict[str, Any], BaseException]:
+        shost, sguest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        actor = await pactors.spawn_actor("/app.py", subprocess=pactors.Subprocess(
+            newns_user=True, newns_mount=True, init=pactors.Init(EMPTY_ROOT_SCRIPT, sguest)))
+        sguest.close()
+        write_root_maps(actor.child_pid)
+        shost.send(b".")
+        _, fds, _, _ = socket.recv_fds(shost, 1, 1)
+        with open(fds[0], "w") as module:
+            module.write(EMPTY_ROOT_APP)
+        shost.close()
+        r, w = os.pipe()
+        inbox = pactors.current_inbox()
+        await actor.send({"reply_to": inbox.address, "echo": [1, "two", b"3", (4.0,)],
+                          "fd": pactors.Fd(w)})
+        os.close(w)
+        os.close(r)
+        report = await inbox.receive()
+        report["fd"].close()
+        with pytest.raises(pactors.ActorError) as info:
+            await actor.wait()
+        return report, info.value
+
+    report, error = pactors.run(main)
+    assert report["root"] == ["app.py", "old"]
+    assert report["old"] == []
+    assert report["echo"] == [1, "two", b"3", (4.0,)]
+    assert error.type_name == "LookupError"
+    assert "without the host filesystem" in error.traceback_text
+
+
+ORPHAN_APP = """
+import os, signal, time
+got = []
+async def main(inbox):
+    import anyio
+    signal.signal(signal.SIGTERM, lambda *_: got.append("TERM"))
+    msg = await inbox.receive()
+    # Orphan a grandchild: the middle process exits at once.
+    middle = os.fork()
+    if middle == 0:
+        if os.fork() == 0:
+            time.sleep(0.2)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(middle, 0)
+    await msg["reply_to"].send("orphaned")
+    while not got:
+        await anyio.sleep(0.01)
+    await msg["reply_to"].send(got[0])
+    return 3
+"""
+
+
+def write_root_maps(pid: int | None) -> None:
+    """Maps root to root in the child's new user namespace."""
+    assert pid is not None
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write("0 0 1\n")
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write("0 0 1\n")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_pid1_reaps_orphans_and_forwards_sigterm(tmp_path: Any) -> None:
+    app = tmp_path / "orphan_app.py"
+    app.write_text(ORPHAN_APP)
+
+    async def main() -> tuple[int, list[int], str]:
+        actor = await pactors.spawn_actor(str(app), subprocess=pactors.Subprocess(
+            newns_user=True, newns_pid=True))
+        pid1 = actor.child_pid
+        assert pid1 is not None
+        write_root_maps(pid1)
+        inbox = pactors.current_inbox()
+        await actor.send({"reply_to": inbox.address})
+        assert await inbox.receive() == "orphaned"
+        # The orphan is PID 1's child now; it exits after 0.2 s and is reaped.
+        deadline = time.monotonic() + 5
+        while len(_children(pid1)) > 1 and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+        children = _children(pid1)
+        actor.kill(signal.SIGTERM)  # sent to PID 1, which forwards it
+        got = await inbox.receive()
+        return await actor.wait(), children, got
+
+    status, children, got = pactors.run(main)
+    assert len(children) == 1, f"PID 1 still has children besides the actor: {children}"
+    assert got == "TERM"
+    assert status == 3
+
+
+def test_sigterm_to_pid1_kills_actor_without_handler() -> None:
+    async def sleeper(inbox: pactors.Inbox) -> None:
+        await anyio.sleep(30)
+
+    async def main() -> int:
+        actor = await pactors.spawn_actor(sleeper, subprocess=pactors.Subprocess(
+            newns_user=True, newns_pid=True))
+        write_root_maps(actor.child_pid)
+        await anyio.sleep(0.3)
+        actor.kill(signal.SIGTERM)
+        return await actor.wait()
+
+    assert pactors.run(main) == 128 + signal.SIGTERM
+
+
+def _init_error(script: str, **ns: Any) -> tuple[pactors.InitError, BaseException | None]:
+    async def main() -> tuple[pactors.InitError, BaseException | None]:
+        async def never(inbox: pactors.Inbox) -> None:
+            raise AssertionError("the actor must not start after a failed init")
+
+        actor = await pactors.spawn_actor(never, subprocess=pactors.Subprocess(
+            init=pactors.Init(script), stderr=None, **ns))
+        with pytest.raises(pactors.InitError) as info:
+            await actor.wait()
+        later: BaseException | None = None
+        try:
+            await actor.send("hello")
+        except pactors.PactorsError as e:
+            later = e
+        return info.value, later
+
+    return pactors.run(main)  # type: ignore[no-any-return]
+
+
+def test_init_error_failing_mount_reports_errno_and_line() -> None:
+    error, later = _init_error("x = 1\nC.mount(None, '/nonexistent-dir', 'tmpfs', 0)\n",
+                               newns_user=True, newns_mount=True)
+    assert error.kind == "call"
+    assert error.function == "mount"
+    assert error.errno == errno.ENOENT
+    assert error.errno_name == "ENOENT"
+    assert error.strerror == os.strerror(errno.ENOENT)
+    assert error.line == 2
+    assert "/nonexistent-dir" in (error.arguments or "")
+    assert isinstance(later, pactors.InitError), "a later send must raise the InitError"
+
+
+def test_init_error_syntax() -> None:
+    error, _ = _init_error("C.umask(0)\ndef broken(:\n")
+    assert error.kind == "syntax"
+    assert error.line == 2
+    assert "SyntaxError" in error.message
+
+
+def test_init_error_exception() -> None:
+    error, _ = _init_error("C.umask(0)\n\nraise ValueError('no such thing')\n")
+    assert error.kind == "exception"
+    assert error.line == 3
+    assert "ValueError: no such thing" in error.message
+
+
+def test_init_errexit_false_returns_result_and_errno() -> None:
+    script = textwrap.dedent("""
+        errexit = False
+        result, err = C.mount(None, '/nonexistent-dir', 'tmpfs', 0)
+        if err != C.ENOENT or result is not None:
+            raise RuntimeError('errexit=False gave ' + repr((result, err)))
+        C.write(arg, 'ok')
+    """)
+
+    async def main() -> bytes:
+        host, guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with host:
+            async def quiet(inbox: pactors.Inbox) -> None:
+                return None
+
+            actor = await pactors.spawn_actor(quiet, subprocess=pactors.Subprocess(
+                newns_user=True, newns_mount=True, init=pactors.Init(script, guest)))
+            guest.close()
+            assert await actor.wait() == 0
+            return host.recv(16)
+
+    assert pactors.run(main) == b"ok"
+
+
+def test_init_error_is_printed_when_stderr_is_shared(tmp_path: Any) -> None:
+    program = tmp_path / "prog.py"
+    program.write_text(textwrap.dedent("""
+        import pactors
+        async def never(inbox):
+            pass
+        async def main():
+            actor = await pactors.spawn_actor(never, subprocess=pactors.Subprocess(
+                init=pactors.Init("C.chdir('/no/such/dir')")))
+            try:
+                await actor.wait()
+            except pactors.InitError as e:
+                print("parent got", e.errno_name)
+        pactors.run(main)
+    """))
+    out = subprocess.run([sys.executable, str(program)], capture_output=True, text=True,
+                         timeout=60)
+    assert "parent got ENOENT" in out.stdout
+    assert "C.chdir('/no/such/dir') failed: ENOENT" in out.stderr
+
+
+def test_init_arg_and_script_fds_are_closed_before_the_actor_runs() -> None:
+    async def fds(inbox: pactors.Inbox) -> None:
+        msg = await inbox.receive()
+        links = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                links[name] = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                pass
+        await msg["reply_to"].send(links)
+
+    async def main() -> tuple[dict[str, str], int]:
+        host, guest = socket.socketpair()
+        with host:
+            guest_inode = os.fstat(guest.fileno()).st_ino
+            actor = await pactors.spawn_actor(fds, subprocess=pactors.Subprocess(
+                stdin="share", init=pactors.Init("extra = C.open('/dev/null', C.O_RDONLY)",
+                                                 guest)))
+            guest.close()
+            inbox = pactors.current_inbox()
+            await actor.send({"reply_to": inbox.address})
+            links = await inbox.receive()
+            await actor.wait()
+            return links, guest_inode  # type: ignore[return-value]
+
+    links, guest_inode = pactors.run(main)
+    assert {"0", "1", "2", "3"} <= set(links)
+    assert f"socket:[{guest_inode}]" not in links.values(), "the init arg leaked into the actor"
+    assert "/dev/null" not in [t for fd, t in links.items() if int(fd) > 2], \
+        "a descriptor the init script opened leaked into the actor"
+
+
+def test_system_spawn_errors_are_raised_with_errno() -> None:
+    with pytest.raises(FileNotFoundError):
+        pactors.system.spawn("no-such-program-anywhere", ["x"], environment=PATH_ENV)
+    with open("/dev/null") as not_a_namespace, pytest.raises(OSError) as info:
+        pactors.system.spawn("true", ["true"], environment=PATH_ENV,
+                             nsenter_net=not_a_namespace.fileno())
+    assert info.value.errno == errno.EINVAL
+    assert "setns net" in str(info.value)
+    with pytest.raises(OSError) as info:
+        pactors.system.spawn("true", ["true"], environment=PATH_ENV,
+                             working_directory="/no/such/dir")
+    assert info.value.errno == errno.ENOENT and "chdir" in str(info.value)
+
+
+def test_system_spawn_exit_codes_kill_and_credentials(tmp_path: Any) -> None:
+    async def main() -> None:
+        p = pactors.system.spawn("sh", ["sh", "-c", "exit 7"], environment=PATH_ENV)
+        assert await p.wait() == 7 and p.exit_signal is None
+        p = pactors.system.spawn("sleep", ["sleep", "30"], environment=PATH_ENV)
+        p.kill(signal.SIGTERM)
+        assert await p.wait() == 128 + signal.SIGTERM and p.exit_signal == signal.SIGTERM
+        out = tmp_path / "id"
+        with open(out, "w") as f:
+            p = pactors.system.spawn(
+                "sh", ["sh", "-c", "id -u; id -g; id -G; umask; pwd"], environment=PATH_ENV,
+                stdout=f, uid=65534, gid=65534, groups=[], umask=0o027,
+                working_directory="/tmp", start_new_session=True)
+            assert await p.wait() == 0
+        assert out.read_text().split() == ["65534", "65534", "65534", "0027", "/tmp"]
+
+    pactors.run(main)
+
+
+def test_system_spawn_pdeathsig() -> None:
+    async def main() -> None:
+        p = pactors.system.spawn("sh", ["sh", "-c", 'grep SigPnd /proc/self/status; exit 0'],
+                                 environment=PATH_ENV, pdeathsig=signal.SIGTERM)
+        assert await p.wait() == 0
+
+    pactors.run(main)
