@@ -21,6 +21,19 @@ _Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 _CFn = Callable[..., Any]
 
 __all__ = [
+    "open_tree",
+    "mount_setattr",
+    "move_mount",
+    "OPEN_TREE_CLONE",
+    "OPEN_TREE_CLOEXEC",
+    "MOVE_MOUNT_F_EMPTY_PATH",
+    "MOUNT_ATTR_RDONLY",
+    "MOUNT_ATTR_NOSUID",
+    "MOUNT_ATTR_NOEXEC",
+    "MOUNT_ATTR_NODEV",
+    "AT_RECURSIVE",
+    "AT_FDCWD",
+    "AT_EMPTY_PATH",
     "CAP_NAMES",
     "CLONE_NEWCGROUP",
     "CLONE_NEWIPC",
@@ -270,6 +283,56 @@ def setdomainname(name: str | bytes) -> None:
     """setdomainname(2) in the current UTS namespace."""
     raw = os.fsencode(name)
     _check(_setdomainname(raw, len(raw)))
+
+
+# The new mount API (Linux 5.2 and 5.12; one syscall number on every arch).
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+_sys_open_tree = _bind(_libc, "syscall", _c_long, _c_long, _c_int, _c_char_p, ctypes.c_uint)
+_sys_move_mount = _bind(_libc, "syscall", _c_long, _c_long, _c_int, _c_char_p, _c_int,
+                        _c_char_p, ctypes.c_uint)
+_sys_mount_setattr = _bind(_libc, "syscall", _c_long, _c_long, _c_int, _c_char_p,
+                           ctypes.c_uint, ctypes.POINTER(_MountAttr), _c_size_t)
+
+
+def open_tree(dirfd: int, path: _Path, flags: int) -> int:
+    """open_tree(2): with OPEN_TREE_CLONE, a detached copy of a mount tree as an fd.
+
+    A detached tree can be attached with ``move_mount`` in another mount
+    namespace, which a bind mount by path cannot do.
+    """
+    return _check(_sys_open_tree(_SYS_OPEN_TREE, dirfd, os.fsencode(path), flags), path)
+
+
+def move_mount(from_dirfd: int, from_path: _Path, to_dirfd: int, to_path: _Path,
+               flags: int) -> None:
+    """move_mount(2)."""
+    _check(_sys_move_mount(_SYS_MOVE_MOUNT, from_dirfd, os.fsencode(from_path), to_dirfd,
+                           os.fsencode(to_path), flags), to_path)
+
+
+def mount_setattr(dirfd: int, path: _Path, flags: int, attr_set: int,
+                  attr_clr: int = 0) -> None:
+    """mount_setattr(2), e.g. AT_RECURSIVE with MOUNT_ATTR_RDONLY."""
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
+    _check(_sys_mount_setattr(_SYS_MOUNT_SETATTR, dirfd, os.fsencode(path), flags,
+                              ctypes.byref(attr), ctypes.sizeof(attr)), path)
 
 
 _UINT_MAX = 0xFFFFFFFF

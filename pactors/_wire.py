@@ -152,8 +152,15 @@ def recv_frame_nowait(sock: socket.socket) -> Frame | None:
     carries too many descriptors; its descriptors are closed then.
     """
     buf = bytearray(_RECV_BUFSIZE)
-    nbytes, ancdata, flags, _ = sock.recvmsg_into(
-        [buf], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+    while True:
+        try:
+            nbytes, ancdata, flags, _ = sock.recvmsg_into(
+                [buf], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+            break
+        except ConnectionResetError:
+            # The peer closed with our messages unread. Linux reports that
+            # once, ahead of what the peer had queued for us: read on.
+            continue
     fds: list[int] = []
     for level, ctype, cdata in ancdata:
         if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:

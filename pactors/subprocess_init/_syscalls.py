@@ -216,6 +216,8 @@ _C_FUNCTIONS: dict[str, Callable[..., object]] = {
     "umount": _linux.umount,
     "umount2": _linux.umount2,
     "pivot_root": _linux.pivot_root,
+    "move_mount": _linux.move_mount,
+    "mount_setattr": _linux.mount_setattr,
     "sethostname": _linux.sethostname,
     "setdomainname": _linux.setdomainname,
     "setsid": _setsid,
@@ -253,7 +255,8 @@ def _constants() -> dict[str, int]:
             consts[name] = value
     consts["S_IFMT"] = 0o170000
     for name in _linux.__all__:
-        if name.startswith(("MS_", "MNT_", "UMOUNT_", "CLONE_NEW", "SECBIT_")):
+        if name.startswith(("MS_", "MNT_", "UMOUNT_", "CLONE_NEW", "SECBIT_", "AT_",
+                            "MOVE_MOUNT_", "MOUNT_ATTR_")):
             consts[name] = getattr(_linux, name)
     for name in dir(_errno):
         value = getattr(_errno, name)

@@ -1,0 +1,404 @@
+"""The handler actor: one per client connection, in the daemon's process.
+
+It authorizes the peer by SO_PEERCRED, then serves requests until the
+client hangs up and every app it launched has ended. A launch lives in the
+handler's task group: it starts the container (``launcher``), replies with
+the control socket, relays events and signals, and reports the exit status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from contextlib import ExitStack
+from typing import Any
+
+import anyio
+import anyio.abc
+
+import pactors
+
+from .. import container, launcher, protocol
+from ..config import Config, Guest
+from ..launcher import LaunchError
+from . import userrundir
+from .guest import XPRA_DISPLAY
+
+START_TIMEOUT = 60.0
+STOP_WATCHDOG = 15.0  # after a stop request: the guest gives SIGKILL at 10 s
+
+
+def log(message: str) -> None:
+    print(f"packxd: {message}", file=sys.stderr, flush=True)
+
+
+NOBODY = 65534
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+
+    @property
+    def run_ids(self) -> tuple[int, int]:
+        """The host ids the app runs as: the caller's, and never root's.
+
+        Root may launch apps, but mapping the container's user to host root
+        would give the app real root over host files: root's apps run as nobody.
+        """
+        return (NOBODY, NOBODY) if self.uid == 0 else (self.uid, self.gid)
+
+
+@dataclasses.dataclass
+class Launch:
+    caller: Caller
+    guest: str
+    app: str
+    profile: str
+    display: str
+    actor: pactors.Actor | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {"guest": self.guest, "app_name": self.app, "profile": self.profile,
+                "display": self.display, "pid": self.actor.child_pid if self.actor else 0}
+
+    async def stop(self) -> None:
+        if self.actor is not None:
+            try:
+                await self.actor.send({"stop": True})
+            except pactors.PactorsError:
+                pass
+
+
+@dataclasses.dataclass
+class Daemon:
+    """What every handler shares: the config and the running launches."""
+
+    config: Config
+    config_path: str
+    state_dir: str
+    running: dict[tuple[int, str, str], Launch] = dataclasses.field(default_factory=dict)
+
+
+def peer_credentials(sock: socket.socket) -> Caller:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Caller(pid, uid, gid)
+
+
+async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    while True:
+        try:
+            return protocol.recv_packet(sock, maxfds)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+
+
+async def _send(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
+    while True:
+        try:
+            protocol.send_packet(sock, data, fds or [])
+            return
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+
+
+def handler(daemon: Daemon) -> Any:
+    """The handler actor's entry point, bound to the daemon's shared state."""
+
+    async def main(inbox: pactors.Inbox) -> None:
+        msg = await inbox.receive()
+        inbox.close()
+        sock = socket.socket(fileno=msg["conn"].detach())
+        sock.setblocking(False)
+        try:
+            await _serve(daemon, sock)
+        finally:
+            sock.close()
+
+    return main
+
+
+async def _serve(daemon: Daemon, sock: socket.socket) -> None:
+    caller = peer_credentials(sock)
+    if caller.uid != 0 and caller.uid not in daemon.config.permit_uids:
+        log(f"refused uid {caller.uid} (pid {caller.pid}): not in permit_users")
+        try:
+            await _send(sock, protocol.error_reply(f"uid {caller.uid} is not permitted to use "
+                                                   "packxd"))
+        except OSError:
+            pass
+        return
+    async with anyio.create_task_group() as tg:
+        while True:
+            try:
+                data, fds = await _recv(sock, protocol.MAX_REQUEST_FDS)
+            except protocol.ProtocolError as e:
+                await _reply_error(sock, str(e))
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                await _dispatch(daemon, caller, sock, tg, data, fds)
+            except protocol.ProtocolError as e:
+                await _reply_error(sock, str(e))
+            except Exception as e:  # a bug: log it, tell the client, keep serving
+                log(f"internal error serving uid {caller.uid}: {e!r}\n{traceback.format_exc()}")
+                await _reply_error(sock, "internal error in packxd (see the daemon's log)")
+            finally:
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+
+async def _reply_error(sock: socket.socket, message: str) -> None:
+    try:
+        await _send(sock, protocol.error_reply(message))
+    except OSError:
+        pass
+
+
+async def _dispatch(daemon: Daemon, caller: Caller, sock: socket.socket,
+                    tg: anyio.abc.TaskGroup, data: bytes, fds: list[int]) -> None:
+    request = protocol.parse_request(data)
+    args = request.arguments
+    if request.name == "list":
+        protocol.check_request_fds(request, len(fds), "xpra")
+        apps = [launch.info() for (uid, _, _), launch in sorted(daemon.running.items())
+                if uid == caller.uid or caller.uid == 0]
+        await _send(sock, protocol.ok_reply({"apps": apps}))
+    elif request.name == "stop":
+        protocol.check_request_fds(request, len(fds), "xpra")
+        launch = daemon.running.get((caller.uid, args["app_name"], args["profile"]))
+        if launch is None:
+            raise protocol.ProtocolError(
+                f"app \"{args['app_name']}\" with profile \"{args['profile']}\" is not running")
+        await launch.stop()
+        await _send(sock, protocol.ok_reply())
+    else:
+        guest = daemon.config.guests.get(args["guest_name"])
+        if guest is None:
+            raise protocol.ProtocolError(
+                f"guest \"{args['guest_name']}\" is not in {daemon.config_path}")
+        display = args.get("display") or guest.display
+        protocol.check_request_fds(request, len(fds), display)
+        key = (caller.uid, args["app_name"], args["profile"])
+        if key in daemon.running:
+            raise protocol.ProtocolError(
+                f"app \"{key[1]}\" with profile \"{key[2]}\" is already running")
+        launch = Launch(caller, guest.name, key[1], key[2], display)
+        daemon.running[key] = launch
+        stdio = [os.dup(fd) for fd in fds] if display == "none" else []
+        try:
+            reply, control = await tg.start(_run_launch, daemon, launch, guest, args, stdio)
+        except LaunchError as e:
+            daemon.running.pop(key, None)
+            raise protocol.ProtocolError(str(e)) from None
+        finally:
+            for fd in stdio:
+                os.close(fd)
+        try:
+            await _send(sock, reply, [control.fileno()])
+        finally:
+            control.close()
+
+
+async def _run_launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, Any],
+                      stdio: list[int], *, task_status: anyio.abc.TaskStatus[Any]) -> None:
+    key = (launch.caller.uid, launch.app, launch.profile)
+    try:
+        await _launch(daemon, launch, guest, args, stdio, task_status)
+    except OSError as e:  # from preparing directories: unsafe or unusable paths
+        raise LaunchError(f"cannot prepare the app's directories: {e.strerror or e}") from None
+    finally:
+        daemon.running.pop(key, None)
+
+
+async def _userrundir(op: str, caller: Caller, app: str, profile: str) -> None:
+    worker = await pactors.spawn_actor("packxd.actors.userrundir",
+                                       subprocess=pactors.Subprocess(stderr="share"))
+    inbox = pactors.Inbox()
+    uid, gid = caller.run_ids
+    await worker.send({"op": op, "uid": uid, "gid": gid, "app": app,
+                       "profile": profile, "reply_to": inbox.address})
+    try:
+        reply = await inbox.receive()
+    except pactors.NoSenders:
+        reply = {"ok": False, "error": "the worker died"}
+    finally:
+        inbox.close()
+    await worker.wait()
+    if not (isinstance(reply, dict) and reply.get("ok")):
+        error = reply.get("error") if isinstance(reply, dict) else None
+        raise LaunchError(f"cannot prepare the runtime directory: {error}")
+
+
+async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, Any],
+                  stdio: list[int], task_status: anyio.abc.TaskStatus[Any]) -> None:
+    caller = launch.caller
+    xpra = launch.display == "xpra"
+    run_uid, run_gid = caller.run_ids
+    runtime_dir = userrundir.runtime_dir(run_uid, launch.app, launch.profile)
+    started_at = time.monotonic()
+    with ExitStack() as stack:
+        home = launcher.open_home(stack, daemon.state_dir, caller.uid, run_uid, run_gid,
+                                  launch.app, launch.profile)
+        usr, etc_binds = launcher.open_rootfs_dirs(stack, guest)
+        binds = launcher.open_binds(stack, guest)
+        xpra_fd = None
+        if xpra:
+            launcher.open_user_runtime(stack, run_uid, run_gid)
+            await _userrundir("create", caller, launch.app, launch.profile)
+            xpra_fd = launcher.mount_tree(
+                stack, stack.enter_context(_owned_dir(runtime_dir + "/xpra", run_uid)),
+                readonly=False, recursive=False)
+        ops = container.build(guest, container.HostDirs(
+            usr=usr, home=home, xpra=xpra_fd, etc_binds=etc_binds, binds=binds),
+            resolv_conf=guest.resolv_conf)
+        env = container.session_environment(
+            guest, display=XPRA_DISPLAY if xpra else None)
+        stdio_spec: tuple[object, object, object] = (
+            (stdio[0], stdio[1], stdio[2]) if not xpra else (None, "share", "share"))
+        actor = await launcher.start_container(
+            guest, ops, caller_uid=run_uid, caller_gid=run_gid, environment=env,
+            stdio=stdio_spec)
+    launch.actor = actor
+    try:
+        events = pactors.Inbox()
+        await actor.send({"events": events.address, "app_bin": args["app_bin"],
+                          "args": args["args"], "display": launch.display,
+                          "xpra_dir": f"/run/user/{guest.user}/xpra"})
+        first = await _first_event(actor, events)
+        ours, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        log(f"uid {caller.uid} started {guest.name}/{launch.app}/{launch.profile} "
+            f"({launch.display}) as pid {actor.child_pid} in "
+            f"{(time.monotonic() - started_at) * 1000:.0f} ms")
+        task_status.started((protocol.ok_reply({"display": launch.display,
+                                                "runtime_dir": runtime_dir}), theirs))
+        del first
+        with ours:
+            ours.setblocking(False)
+            status = await _supervise(actor, events, ours)
+            log(f"{guest.name}/{launch.app}/{launch.profile} of uid {caller.uid} exited "
+                f"with status {status}")
+            try:
+                await _send(ours, protocol.exit_event(status))
+            except OSError:
+                pass
+    finally:
+        actor.kill()
+        with anyio.CancelScope(shield=True):
+            if xpra:
+                try:
+                    await _userrundir("remove", caller, launch.app, launch.profile)
+                except (LaunchError, pactors.PactorsError, OSError) as e:
+                    log(f"cleaning {runtime_dir} failed: {e}")
+
+
+class _owned_dir:
+    """Opens a caller-owned directory without symlinks, as an fd context."""
+
+    def __init__(self, path: str, uid: int) -> None:
+        self.path, self.uid = path, uid
+
+    def __enter__(self) -> int:
+        try:
+            self.fd = launcher.safepath.open_path(self.path)
+        except OSError as e:
+            raise LaunchError(f"{self.path} is unsafe: {e.strerror}") from None
+        if os.fstat(self.fd).st_uid != self.uid:
+            os.close(self.fd)
+            raise LaunchError(f"{self.path} does not belong to uid {self.uid}")
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+async def _first_event(actor: pactors.Actor, events: pactors.Inbox) -> dict[str, Any]:
+    """Waits for the guest to report that the app runs; raises LaunchError if not."""
+    try:
+        with anyio.fail_after(START_TIMEOUT):
+            event = await events.receive()
+    except TimeoutError:
+        actor.kill()
+        raise LaunchError("the container did not start in time") from None
+    except pactors.PactorsError:
+        event = None
+    if isinstance(event, dict) and event.get("event") == "started":
+        return event
+    actor.kill()
+    try:
+        status = await actor.wait()
+    except pactors.InitError as e:
+        raise LaunchError(f"setting up the container failed: {e}") from None
+    except pactors.ActorError as e:
+        raise LaunchError(f"the container's app actor failed: {e}") from None
+    if isinstance(event, dict) and event.get("event") == "error":
+        raise LaunchError(str(event.get("error")))
+    raise LaunchError(f"the container exited with status {status} before the app started")
+
+
+async def _supervise(actor: pactors.Actor, events: pactors.Inbox, control: socket.socket
+                     ) -> int:
+    status = 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_relay_events, events, control)
+        tg.start_soon(_relay_control, actor, control)
+        try:
+            status = await actor.wait()
+        except pactors.PactorsError as e:
+            log(f"container pid {actor.child_pid} failed: {e}")
+        tg.cancel_scope.cancel()
+    events.close()
+    return status
+
+
+async def _relay_events(events: pactors.Inbox, control: socket.socket) -> None:
+    async for event in events:
+        if isinstance(event, dict) and event.get("event") == "display_ready":
+            try:
+                await _send(control, protocol.display_ready_event())
+            except OSError:
+                pass
+
+
+async def _relay_control(actor: pactors.Actor, control: socket.socket) -> None:
+    while True:
+        try:
+            data, _ = await _recv(control, 0)
+        except protocol.ProtocolError:
+            continue
+        except OSError:
+            data = b""
+        if not data:
+            break
+        try:
+            signum = protocol.parse_signal_message(data)
+        except protocol.ProtocolError:
+            continue
+        try:
+            await actor.send({"signal": signum})
+        except pactors.PactorsError:
+            return
+    # The client is gone: stop the app, and make sure of it.
+    try:
+        await actor.send({"stop": True})
+    except pactors.PactorsError:
+        pass
+    await anyio.sleep(STOP_WATCHDOG)
+    actor.kill(signal.SIGKILL)
+

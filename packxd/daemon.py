@@ -1,0 +1,141 @@
+"""``python -m packxd.daemon``: the root daemon.
+
+It checks everything it can before it serves (root, the config, the
+socket, the state directory) and refuses to start with one line naming the
+fault. Then it runs on pactors: this process accepts connections on a
+world-connectable SOCK_SEQPACKET socket and spawns a handler actor for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import anyio
+
+import pactors
+
+from . import launcher, protocol
+from .actors import guest as _guest  # noqa: F401  imported before the supervisor forks
+from .actors import userrundir as _userrundir  # noqa: F401  (the same)
+from .actors.handler import Daemon, handler, log
+from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+DEFAULT_STATE_DIR = "/var/lib/packxd"
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is the one line to print."""
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Binds the listening socket, replacing a stale one, refusing a live one."""
+    if os.path.lexists(path):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nobody listens
+        except OSError as e:
+            if e.errno == errno.ENOTSOCK or not _is_socket(path):
+                raise StartupError(f"{path}: exists and is not a socket") from None
+            if e.errno == errno.EPROTOTYPE:
+                raise StartupError(f"{path}: another kind of socket is in use there") from None
+            raise StartupError(f"{path}: {e.strerror}") from None
+        else:
+            raise StartupError(f"{path}: a packxd daemon is already running") from None
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o666)  # world-connectable: SO_PEERCRED decides
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"{path}: cannot listen: {e.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+async def serve(listener: socket.socket, daemon: Daemon) -> None:
+    log(f"listening on {listener.getsockname()} for uids "
+        f"{sorted(daemon.config.permit_uids) or '(root only)'}")
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with anyio.create_task_group() as tg:
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log(f"got signal {signum}: stopping every container and exiting")
+                    tg.cancel_scope.cancel()
+                    return
+
+            tg.start_soon(on_signal)
+            entry = handler(daemon)
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    await anyio.wait_readable(listener)
+                    continue
+                except OSError as e:  # EMFILE and friends: do not spin, do not die
+                    log(f"accept failed: {e.strerror}")
+                    await anyio.sleep(0.1)
+                    continue
+                try:
+                    actor = await pactors.spawn_actor(entry)
+                    await actor.send({"conn": pactors.Fd(conn)})
+                finally:
+                    conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m packxd.daemon",
+                                     description="packxd's root daemon")
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
+    parser.add_argument("--socket", default=protocol.DEFAULT_SOCKET)
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    args = parser.parse_args(argv)
+    try:
+        if os.geteuid() != 0:
+            raise StartupError("must run as root")
+        try:
+            config = load_config(args.config)
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
+        try:
+            launcher.prepare_state_dir(args.state_dir)
+        except (OSError, launcher.LaunchError) as e:
+            raise StartupError(f"--state-dir {args.state_dir}: {e}") from None
+        listener = bind_socket(args.socket)
+    except StartupError as e:
+        print(f"packxd: {e}", file=sys.stderr)
+        return 1
+    daemon = Daemon(config=config, config_path=args.config, state_dir=args.state_dir)
+    try:
+        pactors.run(serve, listener, daemon)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        try:
+            os.unlink(args.socket)
+        except OSError:
+            pass
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

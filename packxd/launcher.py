@@ -1,0 +1,199 @@
+"""Root-side work of one launch: directories, the container, its id maps.
+
+Everything here runs as root in the daemon. It opens every host directory
+the container mounts without following symlinks, spawns the container actor
+with the constant init script, writes its uid/gid maps between the sync
+points, brings its loopback up and streams it the setup operations.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+import anyio
+
+import pactors
+from pactors import _linux as L
+
+from . import container, safepath
+from .config import Guest
+
+PATH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+ETC_BINDS = ("xpra", "fonts", "X11")  # what xpra and X clients read from the rootfs's /etc
+STATE_DIR_MODE = 0o755
+
+
+class LaunchError(Exception):
+    """A launch failed; ``str()`` is a sentence for the user."""
+
+
+def _opened(stack: ExitStack, fd: int) -> int:
+    stack.callback(os.close, fd)
+    return fd
+
+
+def mount_tree(stack: ExitStack, fd: int, *, readonly: bool, recursive: bool = True) -> int:
+    """A detached copy of the mount at ``fd``, nosuid and nodev (and read-only).
+
+    The container attaches it with move_mount: a bind mount by path could
+    neither take a mount from our namespace nor be trusted not to be swapped.
+    """
+    tree = _opened(stack, L.open_tree(
+        fd, "", L.OPEN_TREE_CLONE | L.OPEN_TREE_CLOEXEC | L.AT_EMPTY_PATH
+        | (L.AT_RECURSIVE if recursive else 0)))
+    L.mount_setattr(tree, "", L.AT_EMPTY_PATH | L.AT_RECURSIVE,
+                    L.MOUNT_ATTR_NOSUID | L.MOUNT_ATTR_NODEV
+                    | (L.MOUNT_ATTR_RDONLY if readonly else 0))
+    return tree
+
+
+def prepare_state_dir(path: str) -> None:
+    """Creates the daemon's state directory, or checks the existing one is root's."""
+    os.makedirs(path, mode=STATE_DIR_MODE, exist_ok=True)
+    fd = safepath.open_path(path)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            raise LaunchError(f"{path} must belong to root and not be writable by others")
+    finally:
+        os.close(fd)
+
+
+def open_home(stack: ExitStack, state_dir: str, caller_uid: int, uid: int, gid: int,
+              app: str, profile: str) -> int:
+    """``<state_dir>/<caller_uid>/<app>/<profile>``, owned by ``uid``:``gid``.
+
+    The levels above the profile are root's, so the caller cannot swap them
+    for symlinks; the profile itself is theirs.
+    """
+    home = _opened(stack, safepath.ensure_tree(state_dir, [
+        (str(caller_uid), 0o711, 0, 0), (app, 0o711, 0, 0), (profile, 0o700, uid, gid)]))
+    return mount_tree(stack, home, readonly=False, recursive=False)
+
+
+def open_user_runtime(stack: ExitStack, uid: int, gid: int) -> None:
+    """Makes sure ``/run/user/<uid>`` exists and is the caller's, as logind would."""
+    fd = _opened(stack, safepath.open_path("/run"))
+    fd = _opened(stack, safepath.ensure_dir(fd, "user", mode=0o755, uid=0, gid=0))
+    _opened(stack, safepath.ensure_dir(fd, str(uid), mode=0o700, uid=uid, gid=gid))
+
+
+def open_rootfs_dirs(stack: ExitStack, guest: Guest) -> tuple[int, tuple[tuple[str, int], ...]]:
+    try:
+        usr = mount_tree(stack, _opened(stack, safepath.open_path(
+            os.path.join(guest.rootfs, "usr"))), readonly=True)
+    except OSError as e:
+        raise LaunchError(f"guest \"{guest.name}\": cannot use {guest.rootfs}/usr: "
+                          f"{e.strerror}") from None
+    etc: list[tuple[str, int]] = []
+    for name in ETC_BINDS:
+        try:
+            fd = _opened(stack, safepath.open_path(os.path.join(guest.rootfs, "etc", name)))
+        except OSError:
+            continue  # absent or a symlink in the image: the container goes without
+        etc.append((f"/etc/{name}", mount_tree(stack, fd, readonly=True)))
+    return usr, tuple(etc)
+
+
+def open_binds(stack: ExitStack, guest: Guest) -> tuple[tuple[str, int, bool], ...]:
+    binds = []
+    for bind in guest.binds:
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(bind.source).st_mode)
+            fd = _opened(stack, safepath.open_path(bind.source, directory=is_dir))
+        except OSError as e:
+            raise LaunchError(f"guest \"{guest.name}\": cannot bind {bind.source}: "
+                              f"{e.strerror}") from None
+        binds.append((bind.target, mount_tree(stack, fd, readonly=bind.readonly,
+                                              recursive=is_dir), is_dir))
+    return tuple(binds)
+
+
+@contextmanager
+def _proc_files(pid: int) -> Iterator[dict[str, int]]:
+    with ExitStack() as stack:
+        files = {}
+        for name, flags in (("uid_map", os.O_WRONLY), ("setgroups", os.O_WRONLY),
+                            ("gid_map", os.O_WRONLY), ("ns/user", os.O_RDONLY),
+                            ("ns/net", os.O_RDONLY)):
+            files[name] = _opened(stack, os.open(f"/proc/{pid}/{name}",
+                                                 flags | os.O_CLOEXEC))
+        yield files
+
+
+async def _recv_byte(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(1)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+
+
+async def _send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds) if fds else sock.send(data)
+            return
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+
+
+async def start_container(guest: Guest, ops: list[container.Op], *, caller_uid: int,
+                          caller_gid: int, environment: dict[str, str],
+                          stdio: tuple[object, object, object]) -> pactors.Actor:
+    """Spawns the guest actor in new namespaces and sets its container up.
+
+    Returns once every setup operation is queued; the init script runs them
+    and then the guest actor starts. Setup failures surface as InitError from
+    the actor.
+    """
+    host, init_sock = socket.socketpair(socket.AF_UNIX,
+                                        socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with host:
+        try:
+            actor = await pactors.spawn_actor("packxd.actors.guest", subprocess=pactors.Subprocess(
+                newns_user=True, newns_mount=True, newns_pid=True, newns_net=True,
+                newns_uts=True, newns_ipc=True,
+                init=pactors.Init(container.INIT_SCRIPT, init_sock),
+                stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], environment=environment))
+        finally:
+            init_sock.close()
+        host.setblocking(False)
+        try:
+            assert actor.child_pid is not None
+            with _proc_files(actor.child_pid) as proc:
+                # sync point #1: the child is alive, so these files are its own
+                await _send_datagram(host, b".", [])
+                if await _recv_byte(host) != b".":
+                    raise LaunchError("the container died while starting")
+                user = guest.user
+                os.write(proc["uid_map"], f"0 0 1\n{user} {caller_uid} 1\n".encode())
+                os.write(proc["setgroups"], b"allow")
+                os.write(proc["gid_map"], f"0 0 1\n{user} {caller_gid} 1\n".encode())
+                # sync point #2
+                await _send_datagram(host, b".", [])
+                ip = pactors.system.spawn(
+                    "ip", ["ip", "link", "set", "dev", "lo", "up"], environment=PATH_ENV,
+                    stderr="share", nsenter_user=proc["ns/user"], nsenter_net=proc["ns/net"])
+                if await ip.wait() != 0:
+                    raise LaunchError("bringing up the container's loopback failed")
+            for op in [*ops, container.END]:
+                data, fd = op.encode()
+                await _send_datagram(host, data, [fd] if fd is not None else [])
+        except Exception as e:
+            actor.kill()
+            try:
+                await actor.wait()
+            except pactors.InitError as init_error:
+                raise LaunchError(f"setting up the container failed: {init_error}") from e
+            if isinstance(e, OSError):
+                raise LaunchError(f"the container died while starting ({e})") from e
+            raise
+        except BaseException:
+            actor.kill()
+            raise
+    return actor
