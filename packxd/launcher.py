@@ -23,7 +23,9 @@ from . import container, safepath
 from .config import Guest
 
 PATH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-ETC_BINDS = ("xpra", "fonts", "X11")  # what xpra and X clients read from the rootfs's /etc
+# What X clients read from the rootfs's /etc. Not /etc/xpra: its defaults
+# start an Xsession wrapper around the app; our command line says it all.
+ETC_BINDS = ("fonts", "X11")
 STATE_DIR_MODE = 0o755
 
 
