@@ -114,6 +114,12 @@ def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[i
     os.dup2(101, INBOX_FD)
     os.close(101)
     os.set_inheritable(INBOX_FD, False)
+    # The supervisor's sys.std* may wrap descriptors that no longer exist here.
+    sys.stdin = open(0, closefd=False, errors="surrogateescape")  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False,  # noqa: SIM115
+                      errors="backslashreplace")
+    sys.stderr = open(2, "w", buffering=1, closefd=False,  # noqa: SIM115
+                      errors="backslashreplace")
 
 
 def _fork_pid1() -> None:

@@ -144,7 +144,15 @@ class Channel:
             try:
                 for handle in handles:
                     if isinstance(handle, Fd):
-                        fds.append(handle.fileno())
+                        fd = handle.fileno()
+                        try:
+                            os.fstat(fd)
+                        except OSError:
+                            # sendmsg would fail with EBADF, which reads as
+                            # "the receiver is gone".
+                            raise MessageError(
+                                f"Fd {fd} is not an open file descriptor") from None
+                        fds.append(fd)
                     else:
                         fd = await handle._mint()
                         minted.append(fd)
@@ -157,6 +165,8 @@ class Channel:
                           fds: list[int]) -> None:
         try:
             await _wire.send_frame(sock, kind, data, fds)
+        except anyio.ClosedResourceError:
+            raise ChannelClosed("the channel was closed while sending") from None
         except OSError as e:
             if _wire.is_disconnect(e):
                 self._on_disconnect()
@@ -302,7 +312,10 @@ class Inbox:
                         raise NoSenders(
                             "no senders left for this inbox: send its address to "
                             "somebody before receiving on it")
-                    await anyio.wait_readable(self._epoll.fileno())
+                    try:
+                        await anyio.wait_readable(self._epoll.fileno())
+                    except anyio.ClosedResourceError:
+                        pass  # closed while we waited: raise ChannelClosed above
                     continue
                 fd = self._ready.popleft()
                 sock = self._sources.get(fd)
@@ -381,7 +394,10 @@ def decode_message(frame: _wire.Frame) -> Any:
             fd_obj = Fd._adopt(fds[index])
             made.append(fd_obj)
             return fd_obj
-        sock = socket.socket(fileno=fds[index])
+        try:
+            sock = socket.socket(fileno=fds[index])
+        except OSError:
+            raise MessageError("address is not a socket") from None
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
             sock.detach()
             raise MessageError("address is not a UNIX seqpacket socket")

@@ -36,7 +36,7 @@ class _ActorContext:
         self.children: list[Any] = []  # vm.Actor, kept until they end or detach
 
     def kill_children(self) -> None:
-        for child in self.children:
+        for child in list(self.children):
             child._kill_on_parent_exit()
         self.children.clear()
 
@@ -120,6 +120,9 @@ class _SupervisorClient:
                         self.broken = "this process closed its connection"
                         return
                     continue
+                except OSError as e:
+                    self.broken = f"its connection failed: {e.strerror}"
+                    return
                 fds: list[int] = []
                 for level, ctype, cdata in ancdata:
                     if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
@@ -152,8 +155,9 @@ class _SupervisorClient:
             self._exits.clear()
 
     def close(self) -> None:
-        anyio.notify_closing(self.sock)
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)
+            self.sock.close()
 
 
 class _Runtime:
@@ -199,14 +203,19 @@ def run(main: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio
     sup = _supervisor.start()
 
     async def root() -> Any:
-        async with anyio.create_task_group() as tg:
-            runtime = _Runtime(tg)
-            runtime.adopt_supervisor(*sup)
-            try:
-                return await _run_actor_body(runtime, Inbox(), lambda _inbox: main(*args))
-            finally:
+        runtime: _Runtime | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                runtime = _Runtime(tg)
+                runtime.adopt_supervisor(*sup)
+                try:
+                    return await _run_actor_body(runtime, Inbox(), lambda _inbox: main(*args))
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            # After the task group: the supervisor reader has stopped by now.
+            if runtime is not None:
                 runtime.close()
-                tg.cancel_scope.cancel()
 
     try:
         return anyio.run(root, backend=backend)
@@ -238,13 +247,17 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
     async def process_main() -> int:
         inbox = Inbox()
         inbox._add_source(socket.socket(fileno=inbox_fd))
-        async with anyio.create_task_group() as tg:
-            runtime = _Runtime(tg)
-            try:
-                result = await _run_actor_body(runtime, inbox, func)
-            finally:
+        runtime: _Runtime | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                runtime = _Runtime(tg)
+                try:
+                    result = await _run_actor_body(runtime, inbox, func)
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            if runtime is not None:
                 runtime.close()
-                tg.cancel_scope.cancel()
         return _exit_status(result)
 
     try:
@@ -265,10 +278,7 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def _exit_status(result: Any) -> int:
-    if result is None or result is True:
-        return 0
-    if isinstance(result, bool):
-        return 1
-    if isinstance(result, int):
+    """An int returned by main is the exit status; anything else means 0."""
+    if isinstance(result, int) and not isinstance(result, bool):
         return result & 0xFF
     return 0

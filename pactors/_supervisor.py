@@ -37,6 +37,7 @@ import prctl
 from . import _child, _linux, _wire
 
 _REPORT = struct.Struct("<ii")  # (errno, pid), child to supervisor
+_PID = struct.Struct("<i")
 MAX_REQUEST = 4096
 
 # stdio actions in a spawn request
@@ -56,19 +57,36 @@ def start() -> tuple[socket.socket, int]:
             "Call pactors.run() at program start, and spawn subprocess actors from an "
             "actor before it starts threads")
     ours, theirs = _wire.seqpacket_pair()
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
+    # Fork twice: the supervisor may outlive us (it waits for detached
+    # actors), and as our grandchild it never becomes our zombie.
+    middle = os.fork()
+    if middle == 0:
         try:
             ours.close()
-            # A fresh context: nothing of the forking task's context variables
-            # (current actor, async library) reaches actors forked from here.
-            contextvars.Context().run(_main, theirs)
+            os.close(report_r)
+            pid = os.fork()
+            if pid == 0:
+                os.close(report_w)
+                # A fresh context: nothing of the forking task's context variables
+                # (current actor, async library) reaches actors forked from here.
+                contextvars.Context().run(_main, theirs)
+            os.write(report_w, _PID.pack(pid))
         finally:
             os._exit(0)
     theirs.close()
-    return ours, pid
+    os.close(report_w)
+    try:
+        report = os.read(report_r, _PID.size)
+    finally:
+        os.close(report_r)
+        os.waitpid(middle, 0)
+    if len(report) != _PID.size:
+        ours.close()
+        raise OSError(errno.EAGAIN, "pactors could not fork its supervisor")
+    return ours, _PID.unpack(report)[0]
 
 
 def _preload() -> None:
@@ -119,8 +137,10 @@ def _main(sock: socket.socket) -> NoReturn:
     gc.freeze()  # keep the heap pages shared with every child we fork
 
     sup = _Supervisor(sock)
+    sock_fd = sock.fileno()
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
+    poller.register(sock_fd, select.POLLIN)
+    registered = True
     poller.register(wake_r, select.POLLIN)
     while sup.connected or sup.children:
         for fd, _ in poller.poll():
@@ -130,9 +150,13 @@ def _main(sock: socket.socket) -> NoReturn:
                         pass
                 except BlockingIOError:
                     pass
-            elif sup.connected and not sup.serve_one():
-                poller.unregister(sock.fileno())
+            elif sup.connected:
+                sup.serve_one()
         sup.reap()
+        if not sup.connected and registered:
+            # Gone while serving or while reporting: stop polling a closed fd.
+            poller.unregister(sock_fd)
+            registered = False
     os._exit(0)
 
 
@@ -169,8 +193,6 @@ class _Supervisor:
                 child = self.children.get(int(req["pid"]))
                 if child is not None:
                     child.detached = True
-            elif op == "kill":
-                self.kill(int(req["pid"]), int(req["signal"]))
         except Exception as e:  # a bug in our own client: report, keep serving
             self.send({"id": req.get("id") if isinstance(req, dict) else None,
                        "errno": errno.EINVAL, "message": f"bad supervisor request: {e}"})
@@ -181,13 +203,19 @@ class _Supervisor:
     def send(self, obj: dict[str, Any], fds: list[int] = []) -> None:  # noqa: B006
         if not self.connected:
             return
-        try:
-            _wire._sendmsg(self.sock, json.dumps(obj).encode(), fds)
-        except BlockingIOError:
-            self.sock.setblocking(True)
-            self.send(obj, fds)
-        except OSError:
-            self.disconnect()
+        data = json.dumps(obj).encode()
+        while True:
+            try:
+                _wire._sendmsg(self.sock, data, fds)
+                return
+            except BlockingIOError:
+                # The spawner reads its reports concurrently with its requests.
+                select.select([], [self.sock], [])
+            except InterruptedError:
+                continue
+            except OSError:
+                self.disconnect()
+                return
 
     def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
         flags = int(req["flags"])
@@ -229,11 +257,6 @@ class _Supervisor:
             self.send({"id": req["id"], "errno": 0, "pid": real_pid}, [pidfd])
         finally:
             os.close(pidfd)
-
-    def kill(self, pid: int, sig: int) -> None:
-        for child_pid, child in self.children.items():
-            if child.report_pid == pid:
-                os.kill(child_pid, sig)
 
     def reap(self) -> None:
         while True:

@@ -133,7 +133,7 @@ def _fileno(what: str, value: Any) -> int:
     try:
         os.fstat(fd)
     except OSError as e:
-        raise ValueError(f"{what} (fd {fd}) is not an open file descriptor") from e
+        raise OSError(e.errno, f"{what} (fd {fd}) is not an open file descriptor") from None
     return fd
 
 
@@ -179,8 +179,9 @@ class Actor:
         self._done = anyio.Event()
         self._status: int | None = None
         self._error: BaseException | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._scope: anyio.CancelScope | None = None if pid else anyio.CancelScope()
         self._detached = False
+        self._spawner: Any = None  # the _ActorContext whose children we are
         self._supervisor: Any = None
 
     @property
@@ -232,10 +233,12 @@ class Actor:
     def detach(self) -> None:
         """Lets the actor outlive its spawner."""
         self._detached = True
-        try:
-            _context().children.remove(self)
-        except (RuntimeError, ValueError):
-            pass
+        if self._spawner is not None:
+            try:
+                self._spawner.children.remove(self)
+            except ValueError:
+                pass
+            self._spawner = None
         if self._supervisor is not None and self.child_pid:
             self._supervisor.notify({"op": "detach", "pid": self.child_pid})
 
@@ -288,6 +291,23 @@ class Actor:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+        # The child's reports are queued by now: keep them, free the socket.
+        try:
+            self._raise_reported()
+        except (InitError, ActorError):
+            pass
+        if self._status_sock is not None:
+            self._status_sock.close()
+            self._status_sock = None
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._spawner is not None:
+            try:
+                self._spawner.children.remove(self)
+            except ValueError:
+                pass
+            self._spawner = None
         self._done.set()
 
     def _kill_on_parent_exit(self) -> None:
@@ -298,8 +318,9 @@ class Actor:
 
     async def _run_in_process(self, runtime: Any, inbox: Inbox,
                               func: Callable[[Inbox], Awaitable[Any]]) -> None:
+        assert self._scope is not None
         try:
-            with anyio.CancelScope() as self._scope:
+            with self._scope:
                 result = await _run_actor_body(runtime, inbox, func)
                 self._status = _exit_status(result)
         except Exception as e:
@@ -309,7 +330,7 @@ class Actor:
         finally:
             if self._status is None:
                 self._status = 128 + signal.SIGKILL
-            self._done.set()
+            self._finish()
 
     def __repr__(self) -> str:
         where = f"pid {self.child_pid}" if self.child_pid else "in-process"
@@ -341,9 +362,10 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
         inbox = Inbox()
         inbox._add_source(reader)
         actor = Actor(Channel(writer))
+        actor._spawner = ctx
+        ctx.children.append(actor)
         ctx.runtime.tg.start_soon(actor._run_in_process, ctx.runtime, inbox, func,
                                   name=f"pactors actor {module!r}")
-        ctx.children.append(actor)
         return actor
 
     spec = _coerce(Subprocess, subprocess, "subprocess")
@@ -402,6 +424,7 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
         raise PactorsError("the supervisor's spawn reply carried no pidfd")
     actor = Actor(Channel(ours), pid=int(reply["pid"]), pidfd=fds[0])
     actor._supervisor = supervisor
-    supervisor.on_exit(actor.child_pid, actor._on_exit)
+    actor._spawner = ctx
     ctx.children.append(actor)
+    supervisor.on_exit(actor.child_pid, actor._on_exit)
     return actor
