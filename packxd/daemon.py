@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import anyio
 
@@ -36,6 +35,10 @@ class StartupError(Exception):
 def bind_socket(path: str) -> socket.socket:
     """Binds the listening socket, replacing a stale one, refusing a live one."""
     if os.path.lexists(path):
+        # connect() to a file that is not a socket fails with ECONNREFUSED,
+        # as for a stale socket: check first, or we would delete it.
+        if not _is_socket(path):
+            raise StartupError(f"{path}: exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             probe.connect(path)
@@ -97,6 +100,7 @@ async def serve(listener: socket.socket, daemon: Daemon) -> None:
                 try:
                     actor = await pactors.spawn_actor(entry)
                     await actor.send({"conn": pactors.Fd(conn)})
+                    actor.close()  # its one message is queued: free the channel now
                 finally:
                     conn.close()
 

@@ -226,13 +226,13 @@ def _pid1() -> None:
     Returns only in the forked actor (PID 2).
     """
     actor = 0
-    pending: list[int] = []
+    pending: list[signal.Signals] = []
 
-    def forward(sig: int, _frame: object) -> None:
+    def forward(signum: int, _frame: object) -> None:
         if actor:
-            os.kill(actor, sig)
+            os.kill(actor, signum)
         else:
-            pending.append(sig)
+            pending.append(signal.Signals(signum))
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     for sig in FORWARDED_SIGNALS:

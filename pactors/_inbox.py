@@ -40,9 +40,7 @@ class Fd:
     __slots__ = ("_fd", "_owned")
 
     def __init__(self, fd: int | Any) -> None:
-        if isinstance(fd, Fd):
-            fd = fd.fileno()
-        elif not isinstance(fd, int):
+        if isinstance(fd, Fd) or not isinstance(fd, int):
             fd = fd.fileno()
         if not isinstance(fd, int) or fd < 0:
             raise ValueError(f"not a file descriptor: {fd!r}")

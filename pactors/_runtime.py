@@ -111,7 +111,7 @@ class _SupervisorClient:
         try:
             while True:
                 try:
-                    data, ancdata, flags, _ = self.sock.recvmsg(
+                    data, ancdata, _flags, _ = self.sock.recvmsg(
                         4096, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
                 except BlockingIOError:
                     try:

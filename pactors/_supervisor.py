@@ -95,12 +95,12 @@ def _preload() -> None:
     Actors may also run after pivot_root into an empty root, where no module
     can be imported any more.
     """
-    import anyio._backends._asyncio  # noqa: F401
-    import asyncio.selector_events  # noqa: F401
+    import asyncio.selector_events
     import asyncio.unix_events  # noqa: F401
     import linecache  # noqa: F401
     import pickle  # noqa: F401
 
+    import anyio._backends._asyncio  # noqa: F401
     import cloudpickle  # noqa: F401
 
     from . import _runtime, vm  # noqa: F401
@@ -170,12 +170,12 @@ class _Supervisor:
     def serve_one(self) -> bool:
         """Handles one request; returns False when the spawner is gone."""
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(
+            data, ancdata, _flags, _ = self.sock.recvmsg(
                 MAX_REQUEST, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             return True
         except OSError:
-            data, ancdata, flags = b"", [], 0
+            data, ancdata = b"", []
         fds: list[int] = []
         for level, ctype, cdata in ancdata:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:

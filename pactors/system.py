@@ -236,7 +236,7 @@ def _child(err_w: int, parent: int, prog: bytes, argv: list[bytes], env: dict[by
         _linux.close_range(4)
         err_w = 3
         stage = _STAGES.index("execve")
-        os.execvpe(prog, argv, env)  # type: ignore[arg-type]
+        os.execvpe(prog, argv, env)
     except OSError as e:
         code = e.errno or errno.EIO
     except BaseException:

@@ -15,18 +15,19 @@ import signal
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Literal, Union
+from typing import Any
 
 import anyio
 import cloudpickle
 
 from . import _linux, _supervisor, _wire
 from ._errors import ActorError, ChannelClosed, InitError, MessageError, PactorsError
-from ._inbox import Channel, Fd, Inbox, decode_message
+from ._inbox import Channel, Inbox, decode_message
 from ._runtime import _context, _exception_fields, _exit_status, _run_actor_body
 
-StdioSpec = Union[Literal["share"], int, Fd, None, Any]
-Entry = Union[str, "os.PathLike[str]", Callable[[Inbox], Awaitable[Any]]]
+# "share", None, an int, a pactors.Fd or anything with fileno().
+StdioSpec = Any
+Entry = str | os.PathLike[str] | Callable[[Inbox], Awaitable[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Subprocess:
     newns_net: bool = False
     newns_uts: bool = False
     newns_ipc: bool = False
-    init: Init | None = None
+    init: Init | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("stdin", "stdout", "stderr"):
@@ -426,5 +427,5 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
     actor._supervisor = supervisor
     actor._spawner = ctx
     ctx.children.append(actor)
-    supervisor.on_exit(actor.child_pid, actor._on_exit)
+    supervisor.on_exit(int(reply["pid"]), actor._on_exit)
     return actor

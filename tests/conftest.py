@@ -128,7 +128,8 @@ def start_daemon(config: dict[str, Any], workdir: str | None = None) -> Daemon:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited: {open(log).read()}")
+            with open(log) as f:
+                raise RuntimeError(f"the daemon exited: {f.read()}")
         try:
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             probe.connect(sock)

@@ -17,9 +17,9 @@ from typing import Any
 
 import anyio
 import pytest
+from seed_container import SEED_INIT_SCRIPT, SEED_ROOT
 
 import pactors
-from seed_container import SEED_INIT_SCRIPT, SEED_ROOT
 
 ALL_NS = dict(newns_user=True, newns_mount=True, newns_pid=True, newns_net=True,
               newns_uts=True, newns_ipc=True)

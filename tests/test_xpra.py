@@ -81,7 +81,7 @@ def test_xterm_through_xpra_is_forwarded_and_painted(daemon: Daemon, test_user: 
         windows = wait_for(lambda: find_window(xvfb, title), 60, f"a window titled {title}")
         assert windows
         # The window must be painted, not left black: the whole xterm is red.
-        count, width, height = wait_for(
+        count, _, _ = wait_for(
             lambda: (lambda box: box if box[1] >= XTERM_MIN[0] and box[2] >= XTERM_MIN[1]
                      else None)(red_box(xvfb)), 20, "the xterm's red pixels")  # type: ignore[misc]
         assert count >= XTERM_MIN[0] * XTERM_MIN[1]

@@ -24,7 +24,7 @@ import anyio.abc
 
 import pactors
 
-from .. import container, launcher, protocol
+from .. import container, launcher, protocol, safepath
 from ..config import Config, Guest
 from ..launcher import LaunchError
 from . import userrundir
@@ -32,6 +32,7 @@ from .guest import XPRA_DISPLAY
 
 START_TIMEOUT = 60.0
 STOP_WATCHDOG = 15.0  # after a stop request: the guest gives SIGKILL at 10 s
+REFUSED_LINGER = 5.0  # how long a refused client has to send its request
 
 
 def log(message: str) -> None:
@@ -135,7 +136,16 @@ async def _serve(daemon: Daemon, sock: socket.socket) -> None:
             await _send(sock, protocol.error_reply(f"uid {caller.uid} is not permitted to use "
                                                    "packxd"))
         except OSError:
-            pass
+            return
+        # Close only once the client has sent its request (or hung up): its
+        # send to a closed socket fails with EPIPE before it reads our reply.
+        with anyio.move_on_after(REFUSED_LINGER):
+            try:
+                _, fds = await _recv(sock, protocol.MAX_REQUEST_FDS)
+            except (protocol.ProtocolError, OSError):
+                fds = []
+            for fd in fds:
+                os.close(fd)
         return
     async with anyio.create_task_group() as tg:
         while True:
@@ -275,8 +285,8 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             guest, ops, caller_uid=run_uid, caller_gid=run_gid, environment=env,
             stdio=stdio_spec)
     launch.actor = actor
+    events = pactors.Inbox()
     try:
-        events = pactors.Inbox()
         await actor.send({"events": events.address, "app_bin": args["app_bin"],
                           "args": args["args"], "display": launch.display,
                           "xpra_dir": f"/run/user/{guest.user}/xpra"})
@@ -300,6 +310,10 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                 pass
     finally:
         actor.kill()
+        # Close what we hold now: left to the garbage collector (tracebacks
+        # keep these frames in cycles), every launch kept descriptors open.
+        actor.close()
+        events.close()
         with anyio.CancelScope(shield=True):
             if xpra:
                 try:
@@ -316,7 +330,7 @@ class _owned_dir:
 
     def __enter__(self) -> int:
         try:
-            self.fd = launcher.safepath.open_path(self.path)
+            self.fd: int = safepath.open_path(self.path)
         except OSError as e:
             raise LaunchError(f"{self.path} is unsafe: {e.strerror}") from None
         if os.fstat(self.fd).st_uid != self.uid:
