@@ -144,21 +144,33 @@ async def _send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> No
             await anyio.wait_writable(sock)
 
 
-async def start_container(guest: Guest, ops: list[container.Op], *, caller_uid: int,
+def encode_ops(ops: list[container.Op]) -> list[tuple[bytes, int | None]]:
+    return [op.encode() for op in [*ops, container.END]]
+
+
+def close_op_fds(ops: list[tuple[bytes, int | None]]) -> None:
+    for _, fd in ops:
+        if fd is not None:
+            os.close(fd)
+
+
+async def start_container(ops: list[tuple[bytes, int | None]], *, user: int, caller_uid: int,
                           caller_gid: int, environment: dict[str, str],
-                          stdio: tuple[object, object, object]) -> pactors.Actor:
+                          stdio: tuple[object, object, object],
+                          newns_net: bool = True) -> pactors.Actor:
     """Spawns the guest actor in new namespaces and sets its container up.
 
-    Returns once every setup operation is queued; the init script runs them
-    and then the guest actor starts. Setup failures surface as InitError from
-    the actor.
+    ``ops`` are the encoded setup operations, END included. Returns once
+    every one is queued; the init script runs them and then the guest actor
+    starts. A failure raises LaunchError, with the init script's error when
+    there is one.
     """
     host, init_sock = socket.socketpair(socket.AF_UNIX,
                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     with host:
         try:
             actor = await pactors.spawn_actor("packxd.actors.guest", subprocess=pactors.Subprocess(
-                newns_user=True, newns_mount=True, newns_pid=True, newns_net=True,
+                newns_user=True, newns_mount=True, newns_pid=True, newns_net=newns_net,
                 newns_uts=True, newns_ipc=True,
                 init=pactors.Init(container.INIT_SCRIPT, init_sock),
                 stdin=stdio[0], stdout=stdio[1], stderr=stdio[2], environment=environment))
@@ -172,19 +184,19 @@ async def start_container(guest: Guest, ops: list[container.Op], *, caller_uid: 
                 await _send_datagram(host, b".", [])
                 if await _recv_byte(host) != b".":
                     raise LaunchError("the container died while starting")
-                user = guest.user
                 os.write(proc["uid_map"], f"0 0 1\n{user} {caller_uid} 1\n".encode())
                 os.write(proc["setgroups"], b"allow")
                 os.write(proc["gid_map"], f"0 0 1\n{user} {caller_gid} 1\n".encode())
                 # sync point #2
                 await _send_datagram(host, b".", [])
-                ip = pactors.system.spawn(
-                    "ip", ["ip", "link", "set", "dev", "lo", "up"], environment=PATH_ENV,
-                    stderr="share", nsenter_user=proc["ns/user"], nsenter_net=proc["ns/net"])
-                if await ip.wait() != 0:
-                    raise LaunchError("bringing up the container's loopback failed")
-            for op in [*ops, container.END]:
-                data, fd = op.encode()
+                if newns_net:
+                    ip = pactors.system.spawn(
+                        "ip", ["ip", "link", "set", "dev", "lo", "up"], environment=PATH_ENV,
+                        stderr="share", nsenter_user=proc["ns/user"],
+                        nsenter_net=proc["ns/net"])
+                    if await ip.wait() != 0:
+                        raise LaunchError("bringing up the container's loopback failed")
+            for data, fd in ops:
                 await _send_datagram(host, data, [fd] if fd is not None else [])
         except Exception as e:
             actor.kill()

@@ -24,7 +24,7 @@ import anyio.abc
 
 import pactors
 
-from .. import container, launcher, protocol, safepath
+from .. import container, launcher, network, protocol, safepath
 from ..config import Config, Guest
 from ..launcher import LaunchError
 from . import userrundir
@@ -65,16 +65,18 @@ class Launch:
     app: str
     profile: str
     display: str
-    actor: pactors.Actor | None = None
+    worker: pactors.Actor | None = None  # root, parent of the container
+    container: pactors.Channel | None = None  # the guest actor's inbox
+    pid: int = 0  # the container's PID 1, as the host sees it
 
     def info(self) -> dict[str, Any]:
         return {"guest": self.guest, "app_name": self.app, "profile": self.profile,
-                "display": self.display, "pid": self.actor.child_pid if self.actor else 0}
+                "display": self.display, "pid": self.pid}
 
     async def stop(self) -> None:
-        if self.actor is not None:
+        if self.container is not None:
             try:
-                await self.actor.send({"stop": True})
+                await self.container.send({"stop": True})
             except pactors.PactorsError:
                 pass
 
@@ -87,6 +89,8 @@ class Daemon:
     config_path: str
     state_dir: str
     running: dict[tuple[int, str, str], Launch] = dataclasses.field(default_factory=dict)
+    # One guest network is created at a time, as the seed's mutex does.
+    network_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)
 
 
 def peer_credentials(sock: socket.socket) -> Caller:
@@ -162,6 +166,10 @@ async def _serve(daemon: Daemon, sock: socket.socket) -> None:
                 await _dispatch(daemon, caller, sock, tg, data, fds)
             except protocol.ProtocolError as e:
                 await _reply_error(sock, str(e))
+            except (BrokenPipeError, ConnectionResetError):
+                # The client hung up before our reply; an app it started is
+                # stopped as its control channel closes.
+                break
             except Exception as e:  # a bug: log it, tell the client, keep serving
                 log(f"internal error serving uid {caller.uid}: {e!r}\n{traceback.format_exc()}")
                 await _reply_error(sock, "internal error in packxd (see the daemon's log)")
@@ -262,46 +270,58 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
     run_uid, run_gid = caller.run_ids
     runtime_dir = userrundir.runtime_dir(run_uid, launch.app, launch.profile)
     started_at = time.monotonic()
-    with ExitStack() as stack:
-        home = launcher.open_home(stack, daemon.state_dir, caller.uid, run_uid, run_gid,
-                                  launch.app, launch.profile)
-        usr, etc_binds = launcher.open_rootfs_dirs(stack, guest)
-        binds = launcher.open_binds(stack, guest)
-        xpra_fd = None
-        if xpra:
-            launcher.open_user_runtime(stack, run_uid, run_gid)
-            await _userrundir("create", caller, launch.app, launch.profile)
-            xpra_fd = launcher.mount_tree(
-                stack, stack.enter_context(_owned_dir(runtime_dir + "/xpra", run_uid)),
-                readonly=False, recursive=False)
-        ops = container.build(guest, container.HostDirs(
-            usr=usr, home=home, xpra=xpra_fd, etc_binds=etc_binds, binds=binds),
-            resolv_conf=guest.resolv_conf)
-        env = container.session_environment(
-            guest, display=XPRA_DISPLAY if xpra else None)
-        stdio_spec: tuple[object, object, object] = (
-            (stdio[0], stdio[1], stdio[2]) if not xpra else (None, "share", "share"))
-        actor = await launcher.start_container(
-            guest, ops, caller_uid=run_uid, caller_gid=run_gid, environment=env,
-            stdio=stdio_spec)
-    launch.actor = actor
-    events = pactors.Inbox()
+    events = pactors.Inbox()  # the worker's reports and the guest's events
     try:
-        await actor.send({"events": events.address, "app_bin": args["app_bin"],
-                          "args": args["args"], "display": launch.display,
-                          "xpra_dir": f"/run/user/{guest.user}/xpra"})
-        first = await _first_event(actor, events)
+        with ExitStack() as stack:
+            home = launcher.open_home(stack, daemon.state_dir, caller.uid, run_uid, run_gid,
+                                      launch.app, launch.profile)
+            usr, etc_binds = launcher.open_rootfs_dirs(stack, guest)
+            binds = launcher.open_binds(stack, guest)
+            xpra_fd = None
+            if xpra:
+                launcher.open_user_runtime(stack, run_uid, run_gid)
+                await _userrundir("create", caller, launch.app, launch.profile)
+                xpra_fd = launcher.mount_tree(
+                    stack, stack.enter_context(_owned_dir(runtime_dir + "/xpra", run_uid)),
+                    readonly=False, recursive=False)
+            ops = launcher.encode_ops(container.build(guest, container.HostDirs(
+                usr=usr, home=home, xpra=xpra_fd, etc_binds=etc_binds, binds=binds),
+                resolv_conf=_resolv_conf(guest)))
+            netns_fd = await _guest_netns(daemon, stack, guest)
+            launch.worker = await pactors.spawn_actor(
+                "packxd.actors.container_worker", subprocess=pactors.Subprocess(
+                    stdout="share", stderr="share",
+                    init=(pactors.Init("C.setns(arg, C.CLONE_NEWNET)", netns_fd)
+                          if netns_fd is not None else None)))
+            await launch.worker.send({
+                "ops": [[data, pactors.Fd(fd) if fd is not None else None]
+                        for data, fd in ops],
+                "uid": run_uid, "gid": run_gid, "user": guest.user,
+                "environment": container.session_environment(
+                    guest, display=XPRA_DISPLAY if xpra else None),
+                "stdio": [pactors.Fd(fd) for fd in stdio] if not xpra else None,
+                "newns_net": netns_fd is None, "reply_to": events.address})
+        reply = await _receive(events, launch.worker)
+        if "container" not in reply:
+            raise LaunchError(str(reply.get("error", "the container worker failed")))
+        launch.container, launch.pid = reply["container"], int(reply["pid"])
+        await launch.container.send({
+            "events": events.address, "app_bin": args["app_bin"], "args": args["args"],
+            "display": launch.display, "xpra_dir": f"/run/user/{guest.user}/xpra"})
+        event = await _receive(events, launch.worker)
+        if event.get("event") != "started":
+            raise LaunchError(str(event.get("error", "the container exited before the app "
+                                               "started")))
         ours, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         log(f"uid {caller.uid} started {guest.name}/{launch.app}/{launch.profile} "
-            f"({launch.display}) as pid {actor.child_pid} in "
+            f"({launch.display}) as pid {launch.pid} in "
             f"{(time.monotonic() - started_at) * 1000:.0f} ms")
         task_status.started((protocol.ok_reply({"display": launch.display,
                                                 "runtime_dir": runtime_dir}), theirs))
-        del first
         with ours:
             ours.setblocking(False)
-            status = await _supervise(actor, events, ours)
+            status = await _supervise(launch, events, ours)
             log(f"{guest.name}/{launch.app}/{launch.profile} of uid {caller.uid} exited "
                 f"with status {status}")
             try:
@@ -309,10 +329,12 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             except OSError:
                 pass
     finally:
-        actor.kill()
-        # Close what we hold now: left to the garbage collector (tracebacks
-        # keep these frames in cycles), every launch kept descriptors open.
-        actor.close()
+        # Killing the worker kills the container with it (parent-death signals).
+        if launch.worker is not None:
+            launch.worker.kill()
+            launch.worker.close()
+        if launch.container is not None:
+            launch.container.close()
         events.close()
         with anyio.CancelScope(shield=True):
             if xpra:
@@ -320,6 +342,61 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                     await _userrundir("remove", caller, launch.app, launch.profile)
                 except (LaunchError, pactors.PactorsError, OSError) as e:
                     log(f"cleaning {runtime_dir} failed: {e}")
+
+
+def _resolv_conf(guest: Guest) -> str | None:
+    """The guest's resolv.conf, or the host's usable nameservers."""
+    if guest.resolv_conf is not None:
+        return guest.resolv_conf
+    usable, skipped = network.host_nameservers()
+    if skipped:
+        log(f"guest {guest.name}: not copying loopback nameservers {', '.join(skipped)} "
+            "from the host's /etc/resolv.conf: they cannot work from another namespace")
+    return "".join(f"nameserver {ns}\n" for ns in usable) if usable else None
+
+
+async def _guest_netns(daemon: Daemon, stack: ExitStack, guest: Guest) -> int | None:
+    """Ensures the guest's netns and veth (serialized); returns a netns fd."""
+    if guest.veth is None:
+        return None
+    async with daemon.network_lock:
+        worker = await pactors.spawn_actor("packxd.actors.netns",
+                                           subprocess=pactors.Subprocess(stderr="share"))
+        replies = pactors.Inbox()
+        try:
+            await worker.send({"guest": guest.name, "ifname": guest.veth.ifname,
+                               "address": str(guest.veth.address),
+                               "gateway": str(guest.veth.gateway),
+                               "reply_to": replies.address})
+            reply = await _receive(replies, worker)
+            await worker.wait()
+        finally:
+            replies.close()
+            worker.close()
+    if not reply.get("ok"):
+        raise LaunchError(str(reply.get("error", "setting up the network failed")))
+    fd = network.open_netns(guest.name)
+    stack.callback(os.close, fd)
+    return fd
+
+
+async def _receive(inbox: pactors.Inbox, worker: pactors.Actor | None) -> dict[str, Any]:
+    """The next dict from ``inbox``; a dead worker's error becomes a LaunchError."""
+    try:
+        with anyio.fail_after(START_TIMEOUT):
+            msg = await inbox.receive()
+    except TimeoutError:
+        raise LaunchError("the container did not start in time") from None
+    except pactors.NoSenders:
+        if worker is not None:
+            try:
+                await worker.wait()
+            except pactors.PactorsError as e:
+                raise LaunchError(f"a packxd worker failed: {e}") from None
+        raise LaunchError("a packxd worker exited unexpectedly") from None
+    if not isinstance(msg, dict):
+        raise LaunchError("a packxd worker sent a malformed message")
+    return msg
 
 
 class _owned_dir:
@@ -342,55 +419,30 @@ class _owned_dir:
         os.close(self.fd)
 
 
-async def _first_event(actor: pactors.Actor, events: pactors.Inbox) -> dict[str, Any]:
-    """Waits for the guest to report that the app runs; raises LaunchError if not."""
-    try:
-        with anyio.fail_after(START_TIMEOUT):
-            event = await events.receive()
-    except TimeoutError:
-        actor.kill()
-        raise LaunchError("the container did not start in time") from None
-    except pactors.PactorsError:
-        event = None
-    if isinstance(event, dict) and event.get("event") == "started":
-        return event
-    actor.kill()
-    try:
-        status = await actor.wait()
-    except pactors.InitError as e:
-        raise LaunchError(f"setting up the container failed: {e}") from None
-    except pactors.ActorError as e:
-        raise LaunchError(f"the container's app actor failed: {e}") from None
-    if isinstance(event, dict) and event.get("event") == "error":
-        raise LaunchError(str(event.get("error")))
-    raise LaunchError(f"the container exited with status {status} before the app started")
-
-
-async def _supervise(actor: pactors.Actor, events: pactors.Inbox, control: socket.socket
-                     ) -> int:
+async def _supervise(launch: Launch, events: pactors.Inbox, control: socket.socket) -> int:
+    """Relays events and signals until the container exits; returns its status."""
     status = 1
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_relay_events, events, control)
-        tg.start_soon(_relay_control, actor, control)
-        try:
-            status = await actor.wait()
-        except pactors.PactorsError as e:
-            log(f"container pid {actor.child_pid} failed: {e}")
+        tg.start_soon(_relay_control, launch, control)
+        async for event in events:
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") == "display_ready":
+                try:
+                    await _send(control, protocol.display_ready_event())
+                except OSError:
+                    pass
+            elif "exit" in event:
+                if event.get("error"):
+                    log(f"container pid {launch.pid}: {event['error']}")
+                status = int(event["exit"])
+                break
         tg.cancel_scope.cancel()
-    events.close()
     return status
 
 
-async def _relay_events(events: pactors.Inbox, control: socket.socket) -> None:
-    async for event in events:
-        if isinstance(event, dict) and event.get("event") == "display_ready":
-            try:
-                await _send(control, protocol.display_ready_event())
-            except OSError:
-                pass
-
-
-async def _relay_control(actor: pactors.Actor, control: socket.socket) -> None:
+async def _relay_control(launch: Launch, control: socket.socket) -> None:
+    assert launch.container is not None and launch.worker is not None
     while True:
         try:
             data, _ = await _recv(control, 0)
@@ -405,14 +457,10 @@ async def _relay_control(actor: pactors.Actor, control: socket.socket) -> None:
         except protocol.ProtocolError:
             continue
         try:
-            await actor.send({"signal": signum})
+            await launch.container.send({"signal": signum})
         except pactors.PactorsError:
             return
     # The client is gone: stop the app, and make sure of it.
-    try:
-        await actor.send({"stop": True})
-    except pactors.PactorsError:
-        pass
+    await launch.stop()
     await anyio.sleep(STOP_WATCHDOG)
-    actor.kill(signal.SIGKILL)
-
+    launch.worker.kill(signal.SIGKILL)

@@ -1,0 +1,55 @@
+"""The container worker: root, in the guest's network namespace, it starts
+the container and stays its parent until it exits.
+
+A container cannot join a network namespace owned by the host once its own
+user namespace exists, so (as in the seed) this privileged actor enters the
+guest's netns in its init script, and the container, spawned from here,
+inherits it. Without ``veth`` the worker stays in the daemon's netns and
+the container gets a new, empty one.
+
+Request::
+
+    {"ops": [[bytes, Fd | None], ...], "uid": int, "gid": int, "user": int,
+     "environment": {str: str}, "stdio": [Fd, Fd, Fd] | None, "newns_net": bool,
+     "reply_to": <address>}
+
+Replies: ``{"container": <address>, "pid": int}`` once the setup is queued
+(or ``{"error": str}``), then ``{"exit": int}`` or ``{"exit": 1, "error": str}``
+when the container ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pactors
+
+from .. import launcher
+from . import guest as _guest  # noqa: F401  the container runs it after pivot_root
+
+
+async def main(inbox: pactors.Inbox) -> int:
+    msg = await inbox.receive()
+    reply_to = msg["reply_to"]
+    stdio: tuple[Any, Any, Any] = (
+        tuple(msg["stdio"]) if msg["stdio"] is not None else (None, "share", "share"))
+    ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
+    try:
+        container = await launcher.start_container(
+            ops, user=msg["user"], caller_uid=msg["uid"], caller_gid=msg["gid"],
+            environment=msg["environment"], stdio=stdio, newns_net=msg["newns_net"])
+    except launcher.LaunchError as e:
+        await reply_to.send({"error": str(e)})
+        return 1
+    finally:
+        launcher.close_op_fds(ops)
+        for fd in msg["stdio"] or ():
+            fd.close()
+    await reply_to.send({"container": container.address, "pid": container.child_pid})
+    try:
+        status = await container.wait()
+    except pactors.PactorsError as e:
+        await reply_to.send({"exit": 1, "error": str(e)})
+        return 1
+    await reply_to.send({"exit": status})
+    return 0
