@@ -19,11 +19,16 @@ import anyio
 
 import pactors
 
-from . import launcher, protocol
-from .actors import guest as _guest  # noqa: F401  imported before the supervisor forks
-from .actors import userrundir as _userrundir  # noqa: F401  (the same)
+from . import launcher, network, protocol
+
+# Imported before the supervisor forks, so every actor starts warm, and the
+# container's guest actor runs after pivot_root without importing anything.
+from .actors import container_worker as _container_worker  # noqa: F401
+from .actors import guest as _guest  # noqa: F401
+from .actors import netns as _netns  # noqa: F401
+from .actors import userrundir as _userrundir  # noqa: F401
 from .actors.handler import Daemon, handler, log
-from .config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 DEFAULT_STATE_DIR = "/var/lib/packxd"
 
@@ -105,12 +110,39 @@ async def serve(listener: socket.socket, daemon: Daemon) -> None:
                     conn.close()
 
 
+def teardown_network(config: Config, guest: str | None, *, force: bool) -> int:
+    """``--teardown-network``: removes packxd's netns, veth and nft table."""
+    if guest is not None and guest not in config.guests:
+        raise StartupError(f"--teardown-network: guest \"{guest}\" is not in the config")
+    names = [network.netns_name(guest)] if guest else network.packxd_namespaces()
+    ifnames = [g.veth.ifname for g in config.guests.values()
+               if g.veth is not None and (guest is None or g.name == guest)]
+    busy = {name: pids for name in names if (pids := network.processes_in(name))}
+    if busy and not force:
+        listing = "; ".join(f"{name}: pids {', '.join(map(str, pids))}"
+                            for name, pids in busy.items())
+        raise StartupError(f"--teardown-network: containers still run ({listing}); stop them "
+                           "or pass --force")
+    try:
+        removed = network.teardown(names, ifnames, nat=guest is None)
+    except (OSError, network.NetworkError) as e:
+        raise StartupError(f"--teardown-network: {e}") from None
+    for item in removed:
+        print(f"packxd: removed {item}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m packxd.daemon",
                                      description="packxd's root daemon")
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH)
     parser.add_argument("--socket", default=protocol.DEFAULT_SOCKET)
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    parser.add_argument("--teardown-network", nargs="?", const="", metavar="GUEST",
+                        help="remove packxd's network namespaces, veths and nft table "
+                        "(of one guest only, when named) and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="with --teardown-network: even while containers run")
     args = parser.parse_args(argv)
     try:
         if os.geteuid() != 0:
@@ -119,10 +151,18 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config)
         except ConfigError as e:
             raise StartupError(str(e)) from None
+        if args.teardown_network is not None:
+            return teardown_network(config, args.teardown_network or None, force=args.force)
         try:
             launcher.prepare_state_dir(args.state_dir)
         except (OSError, launcher.LaunchError) as e:
             raise StartupError(f"--state-dir {args.state_dir}: {e}") from None
+        if config.nat is not None:
+            subnets = [g.veth.address.network for g in config.guests.values() if g.veth]
+            try:
+                network.ensure_nat(config.nat.outbound_interface, subnets)
+            except (OSError, network.NetworkError) as e:
+                raise StartupError(f"nat: {e}") from None
         listener = bind_socket(args.socket)
     except StartupError as e:
         print(f"packxd: {e}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -22,7 +23,12 @@ from pactors import _linux as L
 from . import container, safepath
 from .config import Guest
 
-PATH_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+_RTM_NEWLINK = 16
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_NLM_F_ACK = 4
+_IFF_UP = 1
+_LO_INDEX = 1
 # What X clients read from the rootfs's /etc. Not /etc/xpra: its defaults
 # start an Xsession wrapper around the app; our command line says it all.
 ETC_BINDS = ("fonts", "X11")
@@ -127,6 +133,42 @@ def _proc_files(pid: int) -> Iterator[dict[str, int]]:
         yield files
 
 
+def loopback_up(netns_fd: int) -> None:
+    """Sets ``lo`` up in the network namespace ``netns_fd``, over rtnetlink.
+
+    The seed runs ``ip link set lo up`` through system.spawn; one netlink
+    request saves a fork and an exec per launch. pyroute2's synchronous API
+    cannot run inside our event loop, so the request is built here: one
+    RTM_NEWLINK with IFF_UP for interface index 1, which is lo in every
+    namespace. The socket is created inside the namespace (setns on this
+    thread only, and straight back: nothing else runs in between).
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        L.setns(netns_fd, L.CLONE_NEWNET)
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 socket.NETLINK_ROUTE)
+        finally:
+            L.setns(own, L.CLONE_NEWNET)
+    finally:
+        os.close(own)
+    with sock:
+        # nlmsghdr, then ifinfomsg {family, type, index, flags, change}
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, _LO_INDEX, _IFF_UP, _IFF_UP)
+        header = struct.pack("=IHHII", 16 + len(body), _RTM_NEWLINK,
+                             _NLM_F_REQUEST | _NLM_F_ACK, 1, 0)
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind != _NLMSG_ERROR or length < 20:
+        raise LaunchError("bringing up the container's loopback failed: bad netlink reply")
+    (error,) = struct.unpack_from("=i", reply, 16)
+    if error:
+        raise LaunchError(f"bringing up the container's loopback failed: "
+                          f"{os.strerror(-error)}")
+
+
 async def _recv_byte(sock: socket.socket) -> bytes:
     while True:
         try:
@@ -190,12 +232,7 @@ async def start_container(ops: list[tuple[bytes, int | None]], *, user: int, cal
                 # sync point #2
                 await _send_datagram(host, b".", [])
                 if newns_net:
-                    ip = pactors.system.spawn(
-                        "ip", ["ip", "link", "set", "dev", "lo", "up"], environment=PATH_ENV,
-                        stderr="share", nsenter_user=proc["ns/user"],
-                        nsenter_net=proc["ns/net"])
-                    if await ip.wait() != 0:
-                        raise LaunchError("bringing up the container's loopback failed")
+                    loopback_up(proc["ns/net"])
             for data, fd in ops:
                 await _send_datagram(host, data, [fd] if fd is not None else [])
         except Exception as e:

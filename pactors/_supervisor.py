@@ -133,7 +133,6 @@ def _main(sock: socket.socket) -> NoReturn:
     # work when its spawner's connection closes instead.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_IGN)
-    gc.collect()
     gc.freeze()  # keep the heap pages shared with every child we fork
 
     sup = _Supervisor(sock)

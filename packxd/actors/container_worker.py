@@ -1,11 +1,12 @@
-"""The container worker: root, in the guest's network namespace, it starts
-the container and stays its parent until it exits.
+"""The container worker: as root, it starts the container and stays its
+parent until it exits.
 
 A container cannot join a network namespace owned by the host once its own
-user namespace exists, so (as in the seed) this privileged actor enters the
-guest's netns in its init script, and the container, spawned from here,
-inherits it. Without ``veth`` the worker stays in the daemon's netns and
-the container gets a new, empty one.
+user namespace exists, so (as in the seed) for a guest with ``veth`` this
+privileged actor is a process of its own that enters the guest's netns in
+its init script, and the container, spawned from here, inherits it. Without
+``veth`` it is an actor of the daemon's process, and the container gets a
+new network namespace with only ``lo`` up.
 
 Request::
 
@@ -30,7 +31,17 @@ from . import guest as _guest  # noqa: F401  the container runs it after pivot_r
 
 async def main(inbox: pactors.Inbox) -> int:
     msg = await inbox.receive()
+    inbox.close()
     reply_to = msg["reply_to"]
+    try:
+        return await _run(msg, reply_to)
+    finally:
+        # This actor may live in the daemon's process: release what we hold
+        # now rather than whenever the garbage collector runs.
+        reply_to.close()
+
+
+async def _run(msg: dict[str, Any], reply_to: pactors.Channel) -> int:
     stdio: tuple[Any, Any, Any] = (
         tuple(msg["stdio"]) if msg["stdio"] is not None else (None, "share", "share"))
     ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
@@ -45,11 +56,15 @@ async def main(inbox: pactors.Inbox) -> int:
         launcher.close_op_fds(ops)
         for fd in msg["stdio"] or ():
             fd.close()
-    await reply_to.send({"container": container.address, "pid": container.child_pid})
     try:
-        status = await container.wait()
-    except pactors.PactorsError as e:
-        await reply_to.send({"exit": 1, "error": str(e)})
-        return 1
-    await reply_to.send({"exit": status})
-    return 0
+        await reply_to.send({"container": container.address, "pid": container.child_pid})
+        try:
+            status = await container.wait()
+        except pactors.PactorsError as e:
+            await reply_to.send({"exit": 1, "error": str(e)})
+            return 1
+        await reply_to.send({"exit": status})
+        return 0
+    finally:
+        container.kill()
+        container.close()

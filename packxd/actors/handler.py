@@ -288,11 +288,14 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                 usr=usr, home=home, xpra=xpra_fd, etc_binds=etc_binds, binds=binds),
                 resolv_conf=_resolv_conf(guest)))
             netns_fd = await _guest_netns(daemon, stack, guest)
+            # With a guest netns, the worker is a process of its own that joins
+            # it first; otherwise it is an actor of this process.
             launch.worker = await pactors.spawn_actor(
-                "packxd.actors.container_worker", subprocess=pactors.Subprocess(
+                "packxd.actors.container_worker",
+                subprocess=pactors.Subprocess(
                     stdout="share", stderr="share",
-                    init=(pactors.Init("C.setns(arg, C.CLONE_NEWNET)", netns_fd)
-                          if netns_fd is not None else None)))
+                    init=pactors.Init("C.setns(arg, C.CLONE_NEWNET)", netns_fd),
+                ) if netns_fd is not None else None)
             await launch.worker.send({
                 "ops": [[data, pactors.Fd(fd) if fd is not None else None]
                         for data, fd in ops],
