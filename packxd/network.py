@@ -42,8 +42,9 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute, NetlinkError, netns
 
 from .config import Veth
 
@@ -91,9 +92,24 @@ def _link_index(ipr: IPRoute, ifname: str) -> int | None:
     return found[0] if found else None
 
 
-def _has_addr(ipr: IPRoute, index: int, address: str, prefixlen: int) -> bool:
-    return any(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == prefixlen
-               for a in ipr.get_addr(index=index, family=2))
+def _set_addr(ipr: IPRoute, index: int, address: str, prefixlen: int) -> None:
+    """Makes ``address/prefixlen`` the only IPv4 address of the link: stale ones
+    (the config's address changed since the namespace was made) go."""
+    def ours(a: Any) -> bool:
+        return bool(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == prefixlen)
+
+    for a in ipr.get_addr(index=index, family=2):
+        if not ours(a):
+            try:
+                ipr.addr("del", index=index, address=a.get_attr("IFA_ADDRESS"),
+                         prefixlen=a["prefixlen"])
+            except NetlinkError as e:
+                # A secondary address goes with its primary.
+                if e.code != errno.EADDRNOTAVAIL:
+                    raise
+    # Asked again: ours may have been a secondary of a stale primary.
+    if not any(ours(a) for a in ipr.get_addr(index=index, family=2)):
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
 
 
 def ensure(guest: str, veth: Veth) -> None:
@@ -111,8 +127,10 @@ def ensure(guest: str, veth: Veth) -> None:
             with IPRoute() as host, IPRoute(netns=name) as ns:
                 host_index = _link_index(host, veth.ifname)
                 peer_index = _link_index(ns, GUEST_IFNAME)
-                if host_index is not None and host.get_links(host_index)[0].get_attr(
-                        "IFLA_INFO_KIND", None) not in (None, "veth"):
+                # IFLA_INFO_KIND is nested in IFLA_LINKINFO; a physical NIC has
+                # none: anything but a veth is not ours to delete.
+                if host_index is not None and host.get_links(host_index)[0].get_nested(
+                        "IFLA_LINKINFO", "IFLA_INFO_KIND") != "veth":
                     raise NetworkError(f"{veth.ifname} exists on the host and is not a veth")
                 if host_index is None or peer_index is None:
                     # Half a pair (or none): rebuild it whole.
@@ -128,14 +146,12 @@ def ensure(guest: str, veth: Veth) -> None:
                 lo = _link_index(ns, "lo")
                 assert lo is not None
                 ns.link("set", index=lo, state="up")
-                if not _has_addr(ns, peer_index, address, prefix):
-                    ns.addr("add", index=peer_index, address=address, prefixlen=prefix)
+                _set_addr(ns, peer_index, address, prefix)
                 ns.link("set", index=peer_index, state="up")
                 if not any(r.get_attr("RTA_GATEWAY") == gateway and r["dst_len"] == 0
                            for r in ns.get_routes(family=2, table=254)):
                     ns.route("replace", dst="0.0.0.0/0", gateway=gateway)
-                if not _has_addr(host, host_index, gateway, prefix):
-                    host.addr("add", index=host_index, address=gateway, prefixlen=prefix)
+                _set_addr(host, host_index, gateway, prefix)
                 host.link("set", index=host_index, state="up")
         except NetworkError:
             raise

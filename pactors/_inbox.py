@@ -112,7 +112,7 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self._sock: socket.socket | None = sock
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
 
     @property
     def address(self) -> Channel:
@@ -230,6 +230,7 @@ class Inbox:
         self._sources: dict[int, socket.socket] = {}
         self._ready: collections.deque[int] = collections.deque()
         self._receiving = False
+        self._buffer = _wire.receive_buffer()
         self.dropped = 0  # channels closed because they sent malformed messages
 
     # Sources -----------------------------------------------------------
@@ -327,7 +328,7 @@ class Inbox:
 
     def _read_one(self, fd: int, sock: socket.socket) -> tuple[bool, Any]:
         try:
-            frame = _wire.recv_frame_nowait(sock)
+            frame = _wire.recv_frame_nowait(sock, self._buffer)
         except BlockingIOError:
             return False, None
         except (OSError, MessageError):
@@ -337,8 +338,6 @@ class Inbox:
         if frame is None:
             self._drop_source(fd)
             return False, None
-        # A sender that still has more queued stays in the ready list.
-        self._ready.append(fd)
         try:
             if frame.kind == _wire.NEW_SOURCE:
                 if len(frame.fds) != 1 or frame.payload:

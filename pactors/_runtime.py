@@ -154,10 +154,22 @@ class _SupervisorClient:
                 callback(-1)
             self._exits.clear()
 
-    def close(self) -> None:
+    async def aclose(self, grace: float = 2.0) -> None:
+        """Closes the connection and reaps the supervisor once it has exited.
+
+        The supervisor SIGKILLs our undetached actors and exits when every
+        detached one has; while detached actors outlive us, it is left running
+        and is reaped when this process exits.
+        """
         if self.sock.fileno() >= 0:
             anyio.notify_closing(self.sock)
             self.sock.close()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(grace):
+            try:
+                while os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                    await anyio.sleep(0.005)
+            except ChildProcessError:
+                pass
 
 
 class _Runtime:
@@ -176,9 +188,9 @@ class _Runtime:
         assert self._supervisor is not None
         return self._supervisor
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         if self._supervisor is not None:
-            self._supervisor.close()
+            await self._supervisor.aclose()
 
 
 async def _run_actor_body(runtime: _Runtime, inbox: Inbox,
@@ -215,7 +227,7 @@ def run(main: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio
         finally:
             # After the task group: the supervisor reader has stopped by now.
             if runtime is not None:
-                runtime.close()
+                await runtime.aclose()
 
     try:
         return anyio.run(root, backend=backend)
@@ -257,7 +269,7 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
                     tg.cancel_scope.cancel()
         finally:
             if runtime is not None:
-                runtime.close()
+                await runtime.aclose()
         return _exit_status(result)
 
     try:

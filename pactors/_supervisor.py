@@ -32,12 +32,12 @@ import sys
 import threading
 from typing import Any, NoReturn
 
+import anyio
 import prctl
 
 from . import _child, _linux, _wire
 
 _REPORT = struct.Struct("<ii")  # (errno, pid), child to supervisor
-_PID = struct.Struct("<i")
 MAX_REQUEST = 4096
 
 # stdio actions in a spawn request
@@ -57,36 +57,19 @@ def start() -> tuple[socket.socket, int]:
             "Call pactors.run() at program start, and spawn subprocess actors from an "
             "actor before it starts threads")
     ours, theirs = _wire.seqpacket_pair()
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
-    # Fork twice: the supervisor may outlive us (it waits for detached
-    # actors), and as our grandchild it never becomes our zombie.
-    middle = os.fork()
-    if middle == 0:
+    pid = os.fork()
+    if pid == 0:
         try:
             ours.close()
-            os.close(report_r)
-            pid = os.fork()
-            if pid == 0:
-                os.close(report_w)
-                # A fresh context: nothing of the forking task's context variables
-                # (current actor, async library) reaches actors forked from here.
-                contextvars.Context().run(_main, theirs)
-            os.write(report_w, _PID.pack(pid))
+            # A fresh context: nothing of the forking task's context variables
+            # (current actor, async library) reaches actors forked from here.
+            contextvars.Context().run(_main, theirs)
         finally:
             os._exit(0)
     theirs.close()
-    os.close(report_w)
-    try:
-        report = os.read(report_r, _PID.size)
-    finally:
-        os.close(report_r)
-        os.waitpid(middle, 0)
-    if len(report) != _PID.size:
-        ours.close()
-        raise OSError(errno.EAGAIN, "pactors could not fork its supervisor")
-    return ours, _PID.unpack(report)[0]
+    return ours, pid
 
 
 def _preload() -> None:
@@ -104,6 +87,11 @@ def _preload() -> None:
     import cloudpickle  # noqa: F401
 
     from . import _runtime, vm  # noqa: F401
+
+    # One throwaway event loop: the lazy state it creates (and the pages it
+    # touches) then live in the image every actor is forked from.
+    anyio.run(anyio.sleep, 0)
+    asyncio.events._set_running_loop(None)
 
 
 class _Child:

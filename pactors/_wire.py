@@ -144,14 +144,20 @@ def _unspill(memfd: int, length: int) -> bytearray:
     return buf
 
 
-def recv_frame_nowait(sock: socket.socket) -> Frame | None:
+def receive_buffer() -> bytearray:
+    """A buffer for ``recv_frame_nowait`` to reuse across calls."""
+    return bytearray(_RECV_BUFSIZE)
+
+
+def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Frame | None:
     """Receives one frame without blocking.
 
     Returns None at end of stream. Raises BlockingIOError when no frame is
     queued, and MessageError when the frame is malformed, truncated or
     carries too many descriptors; its descriptors are closed then.
     """
-    buf = bytearray(_RECV_BUFSIZE)
+    if buf is None:
+        buf = receive_buffer()
     while True:
         try:
             nbytes, ancdata, flags, _ = sock.recvmsg_into(
@@ -187,9 +193,7 @@ def recv_frame_nowait(sock: socket.socket) -> Frame | None:
         elif fflags:
             raise MessageError("unknown frame flags")
         else:
-            del buf[nbytes:]
-            del buf[:_HEADER.size]
-            payload = buf
+            payload = buf[_HEADER.size:nbytes]
         if len(fds) > MAX_FDS:
             raise MessageError(f"frame carries more than {MAX_FDS} descriptors")
         return Frame(kind, payload, fds)
