@@ -32,7 +32,6 @@ import sys
 import threading
 from typing import Any, NoReturn
 
-import anyio
 import prctl
 
 from . import _child, _linux, _wire
@@ -79,11 +78,11 @@ def _preload() -> None:
     can be imported any more.
     """
     import asyncio.selector_events
-    import asyncio.unix_events  # noqa: F401
+    import asyncio.unix_events
     import linecache  # noqa: F401
     import pickle  # noqa: F401
 
-    import anyio._backends._asyncio  # noqa: F401
+    import anyio._backends._asyncio
     import cloudpickle  # noqa: F401
 
     from . import _runtime, vm  # noqa: F401
