@@ -83,6 +83,8 @@ async def main(inbox: pactors.Inbox) -> int:
             tg.start_soon(_watch_display, events, env, start["xpra_dir"])
         status = await proc.wait()
         tg.cancel_scope.cancel()
+    # Tell the daemon now: the container's teardown still takes a while.
+    await events.send({"event": "exit", "status": status})
     return status
 
 

@@ -327,10 +327,6 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             status = await _supervise(launch, events, ours)
             log(f"{guest.name}/{launch.app}/{launch.profile} of uid {caller.uid} exited "
                 f"with status {status}")
-            try:
-                await _send(ours, protocol.exit_event(status))
-            except OSError:
-                pass
     finally:
         # Killing the worker kills the container with it (parent-death signals).
         if launch.worker is not None:
@@ -423,25 +419,44 @@ class _owned_dir:
 
 
 async def _supervise(launch: Launch, events: pactors.Inbox, control: socket.socket) -> int:
-    """Relays events and signals until the container exits; returns its status."""
+    """Relays events and signals until the container exits; returns its status.
+
+    The client learns the app's status as soon as the guest reports it; the
+    container's own exit (reported by the worker) ends the launch.
+    """
+    app_status: int | None = None
     status = 1
     async with anyio.create_task_group() as tg:
         tg.start_soon(_relay_control, launch, control)
         async for event in events:
             if not isinstance(event, dict):
                 continue
-            if event.get("event") == "display_ready":
-                try:
-                    await _send(control, protocol.display_ready_event())
-                except OSError:
-                    pass
+            kind = event.get("event")
+            if kind == "display_ready":
+                await _notify(control, protocol.display_ready_event())
+            elif kind == "exit" and app_status is None:
+                app_status = _status(event.get("status"))
+                await _notify(control, protocol.exit_event(app_status))
             elif "exit" in event:
                 if event.get("error"):
                     log(f"container pid {launch.pid}: {event['error']}")
-                status = int(event["exit"])
+                status = _status(event["exit"])
                 break
         tg.cancel_scope.cancel()
-    return status
+    if app_status is None:
+        await _notify(control, protocol.exit_event(status))
+    return app_status if app_status is not None else status
+
+
+def _status(value: object) -> int:
+    return value if isinstance(value, int) and 0 <= value <= 255 else 1
+
+
+async def _notify(control: socket.socket, event: bytes) -> None:
+    try:
+        await _send(control, event)
+    except OSError:
+        pass  # the client is gone; its app is being stopped
 
 
 async def _relay_control(launch: Launch, control: socket.socket) -> None:
