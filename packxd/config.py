@@ -56,7 +56,11 @@ _CONTAINER_TOP_DIRS = frozenset({"/dev", "/etc", "/home", "/proc", "/run", "/sys
 # Mounted (kernel filesystems, read-only /usr, the persistent home) or per-user:
 # a symlink created below them would land in, or write through, a mount.
 _NO_SYMLINKS_UNDER = ("/dev", "/home", "/proc", "/run", "/sys", "/usr")
-_NO_BINDS_UNDER = ("/dev", "/proc", "/run/user", "/sys")
+# The container manages these, or mounts them from elsewhere (the rootfs's
+# /usr and /etc/fonts, /etc/X11, the persistent home): a bind below would
+# fail, or leave root-owned directories in the user's home.
+_NO_BINDS_UNDER = ("/dev", "/proc", "/run/user", "/sys", "/usr", "/home/user", "/etc/fonts",
+                   "/etc/X11")
 # Whole ranges a guest subnet must never cover: the host end gets the gateway
 # with the guest's prefix, so such a route would hijack host traffic.
 _RESERVED_NETS = tuple(

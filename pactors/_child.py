@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import prctl
 
 from . import _codec, _linux, _wire
+from ._errors import InitError
 from .subprocess_init import InitScriptFailure, run_init_script
 
 INBOX_FD = 3
@@ -70,6 +71,8 @@ def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
               stdio_fds: list[int], flags: int) -> NoReturn:
     """Runs in the supervisor's fork. Never returns."""
     try:
+        global _parent_pid
+        _parent_pid = os.getppid()
         prctl.set_pdeathsig(signal.SIGKILL)
         if not _alive(sup_pidfd):
             os._exit(1)
@@ -122,16 +125,37 @@ def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[i
                       errors="backslashreplace")
 
 
+_parent_pid = 0  # the supervisor
+_parent_gate = -1  # in a new pidns, where getppid() says 0
+
+
+def _rearm_parent_death_signal() -> None:
+    """Sets the parent-death signal, and exits if the parent is already gone.
+
+    A fork clears the signal, and so does an init script that changes
+    credentials: it is set again after each.
+    """
+    prctl.set_pdeathsig(signal.SIGKILL)
+    if _parent_gate >= 0:
+        try:
+            gone = bool(select.select([_parent_gate], [], [], 0)[0])
+        except (OSError, ValueError):  # the script closed it: nothing to check
+            gone = False
+    else:
+        gone = os.getppid() != _parent_pid
+    if gone:
+        os._exit(1)
+
+
 def _fork_pid1() -> None:
     """Forks the process that is PID 1 of the new namespace; the caller waits."""
     gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         os.close(gate_w)
-        prctl.set_pdeathsig(signal.SIGKILL)
-        if select.select([gate_r], [], [], 0)[0]:  # our parent already died
-            os._exit(1)
-        os.close(gate_r)
+        global _parent_gate
+        _parent_gate = gate_r  # reaches EOF when the waiter, our parent, dies
+        _rearm_parent_death_signal()
         return
     # The waiter: report PID 1, drop everything, mirror its exit status.
     os.write(100, _REPORT.pack(0, pid))
@@ -187,10 +211,10 @@ def _run() -> NoReturn:
             run_init_script(script, init_arg)
         except InitScriptFailure as failure:
             if body["stderr_shared"]:
-                from ._errors import InitError
                 print(f"pactors: {InitError(**failure.fields)}", file=sys.stderr, flush=True)
             _report(_wire.INIT_ERROR, failure.fields)
             os._exit(1)
+        _rearm_parent_death_signal()
     # The init script's descriptors, `arg` included, die here.
     _linux.close_range(INBOX_FD + 1)
     frame.payload[:] = bytes(len(frame.payload))

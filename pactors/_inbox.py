@@ -152,7 +152,8 @@ class Channel:
                                 f"Fd {fd} is not an open file descriptor") from None
                         fds.append(fd)
                     else:
-                        fd = await handle._mint()
+                        # Our own address: we already hold our lock.
+                        fd = await (self._mint_locked() if handle is self else handle._mint())
                         minted.append(fd)
                         fds.append(fd)
                 await self._send_frame(sock, _wire.MSG, data, fds)
@@ -175,12 +176,15 @@ class Channel:
 
     async def _mint(self) -> int:
         """Creates a new sender for our inbox; returns its write end."""
+        async with self._lock:
+            return await self._mint_locked()
+
+    async def _mint_locked(self) -> int:
         reader, writer = _wire.seqpacket_pair()
         try:
             reader.shutdown(socket.SHUT_WR)
             writer.shutdown(socket.SHUT_RD)
-            async with self._lock:
-                await self._send_frame(self._socket(), _wire.NEW_SOURCE, b"", [reader.fileno()])
+            await self._send_frame(self._socket(), _wire.NEW_SOURCE, b"", [reader.fileno()])
             return writer.detach()
         except BaseException:
             writer.close()
@@ -342,6 +346,10 @@ class Inbox:
             if frame.kind == _wire.NEW_SOURCE:
                 if len(frame.fds) != 1 or frame.payload:
                     raise MessageError("malformed new-sender frame")
+                if len(self._sources) >= MAX_SOURCES:
+                    # Refuse the new sender, not the one asking for it.
+                    frame.close_fds()
+                    return False, None
                 self._adopt_source_fd(frame.fds.pop())
                 return False, None
             if frame.kind != _wire.MSG:

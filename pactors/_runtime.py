@@ -274,12 +274,13 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
 
     try:
         return anyio.run(process_main)
-    except BaseException as e:
+    except BaseException as group:
+        e = _unwrap(group)
         if isinstance(e, SystemExit):
-            return _exit_status(e.code)
+            return _exit_status(e.code if e.code is not None else 0)
         if isinstance(e, KeyboardInterrupt):
             return 128 + signal.SIGINT
-        report(_wire.ACTOR_ERROR, _exception_fields(_unwrap(e)))
+        report(_wire.ACTOR_ERROR, _exception_fields(e))
         return 1
 
 

@@ -267,7 +267,10 @@ class _Supervisor:
         self.sock.close()
         for pid, child in self.children.items():
             if not child.detached:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                # PID 1 of a new pidns as well as its waiter: an init script
+                # that changes credentials clears PID 1's parent-death signal.
+                for target in {pid, child.report_pid}:
+                    try:
+                        os.kill(target, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass

@@ -1371,3 +1371,32 @@ def test_supervisor_does_not_spin_once_its_connection_failed() -> None:
 
     ticks = run_actors(main)
     assert ticks <= 5, f"the idle supervisor used {ticks} clock ticks in 0.5 s"
+
+
+def test_sending_a_channel_its_own_address() -> None:
+    async def echo_twice(inbox: pactors.Inbox) -> None:
+        msg = await inbox.receive()
+        # ``me`` is a new channel into our own inbox, minted by the sender.
+        await msg["me"].send("to myself")
+        assert await inbox.receive() == "to myself"
+        await msg["reply_to"].send("done")
+
+    async def main() -> None:
+        actor = await pactors.spawn_actor(echo_twice, subprocess=QUIET)
+        inbox = pactors.current_inbox()
+        await actor.send({"me": actor.address, "reply_to": inbox.address})
+        assert await inbox.receive() == "done"
+        assert await actor.wait() == 0
+
+    run_actors(main)
+
+
+def test_sys_exit_in_a_subprocess_actor_is_its_exit_status() -> None:
+    async def exits(inbox: pactors.Inbox) -> None:
+        sys.exit(9)
+
+    async def main() -> None:
+        actor = await pactors.spawn_actor(exits, subprocess=QUIET)
+        assert await actor.wait() == 9
+
+    run_actors(main)

@@ -536,7 +536,10 @@ def test_bad_bind_source(tmp_path: Path, rootfs: str, source: str, reason: str) 
      ("/proc/sys", '"/proc/sys" is under /proc'),
      ("/dev/sda", '"/dev/sda" is under /dev'),
      ("/sys/fs", '"/sys/fs" is under /sys'),
-     ("/run/user/1000/bus", '"/run/user/1000/bus" is under /run/user')],
+     ("/run/user/1000/bus", '"/run/user/1000/bus" is under /run/user'),
+     ("/usr/share/data", '"/usr/share/data" is under /usr'),
+     ("/home/user/docs", '"/home/user/docs" is under /home/user'),
+     ("/etc/fonts/local", '"/etc/fonts/local" is under /etc/fonts')],
 )
 def test_bad_bind_target(tmp_path: Path, rootfs: str, target: str, reason: str) -> None:
     msg = guest_error(tmp_path, rootfs, binds=[{"source": "/etc", "target": target}])

@@ -399,3 +399,66 @@ def test_system_spawn_pdeathsig() -> None:
         assert await p.wait() == 0
 
     pactors.run(main)
+
+
+SPAWNER = r"""
+import os, sys, pactors
+
+SCRIPT = '''
+C.read(arg, 1)
+C.setresgid(1000, 1000, 1000)
+C.setresuid(1000, 1000, 1000)
+'''
+
+async def sleeper(inbox):
+    import anyio
+    await anyio.sleep(60)
+
+async def main():
+    import socket
+    host, guest = socket.socketpair()
+    actor = await pactors.spawn_actor(sleeper, subprocess=pactors.Subprocess(
+        newns_user=True, newns_pid=True, init=pactors.Init(SCRIPT, guest)))
+    guest.close()
+    pid = actor.child_pid
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write("0 0 1\n1000 1000 1\n")
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write("0 0 1\n1000 1000 1\n")
+    host.send(b".")
+    import anyio
+    await anyio.sleep(0.3)  # the script has changed credentials by now
+    print(pid, flush=True)
+    if sys.argv[1] == "return":
+        return
+    await anyio.sleep(60)
+
+pactors.run(main)
+"""
+
+
+@pytest.mark.parametrize("how", ["return", "sigkill"])
+def test_a_container_whose_init_changed_credentials_dies_with_its_spawner(
+        tmp_path: Any, how: str) -> None:
+    """Changing credentials clears the parent-death signal; pactors sets it again."""
+    program = tmp_path / "spawner.py"
+    program.write_text(SPAWNER)
+    proc = subprocess.Popen([sys.executable, str(program), how], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        pid1 = int(proc.stdout.readline())
+        assert os.path.exists(f"/proc/{pid1}")
+        if how == "sigkill":
+            proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid1}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{pid1}"), "PID 1 outlived its spawner"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
