@@ -275,13 +275,13 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
     try:
         return anyio.run(process_main)
     except BaseException as group:
-        e = _unwrap(group)
-        if isinstance(e, SystemExit):
-            return _exit_status(e.code if e.code is not None else 0)
-        if isinstance(e, KeyboardInterrupt):
-            return 128 + signal.SIGINT
-        report(_wire.ACTOR_ERROR, _exception_fields(e))
-        return 1
+        error = _unwrap(group)
+    if isinstance(error, SystemExit):
+        return _exit_status(error.code if error.code is not None else 0)
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    report(_wire.ACTOR_ERROR, _exception_fields(error))
+    return 1
 
 
 def _unwrap(exc: BaseException) -> BaseException:
