@@ -9,7 +9,8 @@ tree fd cloned from a directory opened without following symlinks.
 
 Wire format of one operation: NUL-separated fields; the first is the
 operation name, each other is a type letter and a value: ``i`` int, ``s``
-str, ``n`` None, ``f`` "the fd carried by this datagram".
+str, ``n`` None, ``f`` "the fd carried by this datagram". Operations are
+batched, separated by RS (0x1e), into datagrams of at most one fd each.
 
 Host directories reach the container as detached mount trees
 (``open_tree(OPEN_TREE_CLONE)``, made read-only, nosuid and nodev
@@ -28,10 +29,9 @@ from .config import Guest
 NEW_ROOT = "/mnt"
 
 INIT_SCRIPT = r"""
-# sync point #1: the daemon has opened our /proc files
-C.read(arg, 1)
-C.write(arg, '.')
-# sync point #2: uid and gid maps written (tmpfs needs them, kernel bug 183461)
+# The one sync point: uid and gid maps written (tmpfs needs them, kernel bug
+# 183461). The seed's first sync point, which proves the daemon opened our
+# own /proc files, is a pidfd check on the daemon's side.
 C.read(arg, 1)
 C.setresuid(0, 0, 0)
 C.setresgid(0, 0, 0)
@@ -53,25 +53,28 @@ OPS = {
     'write_file': write_file,
 }
 
-while True:
+done = False
+while not done:
     data, fd = receive_with_fd(arg, 262144)
-    fields = data.decode().split('\0')
-    if fields[0] == 'end':
-        break
-    args = []
-    for field in fields[1:]:
-        kind, value = field[:1], field[1:]
-        if kind == 'i':
-            args.append(int(value))
-        elif kind == 's':
-            args.append(value)
-        elif kind == 'n':
-            args.append(None)
-        elif kind == 'f' and fd is not None:
-            args.append(fd)
-        else:
-            raise ValueError('bad field in operation ' + fields[0])
-    OPS[fields[0]](*args)
+    for record in data.decode().split('\x1e'):
+        fields = record.split('\0')
+        if fields[0] == 'end':
+            done = True
+            break
+        args = []
+        for field in fields[1:]:
+            kind, value = field[:1], field[1:]
+            if kind == 'i':
+                args.append(int(value))
+            elif kind == 's':
+                args.append(value)
+            elif kind == 'n':
+                args.append(None)
+            elif kind == 'f' and fd is not None:
+                args.append(fd)
+            else:
+                raise ValueError('bad field in operation ' + fields[0])
+        OPS[fields[0]](*args)
     if fd is not None:
         C.close(fd)
 """
@@ -108,8 +111,8 @@ class Op:
             elif isinstance(value, int):
                 fields.append(f"i{value}")
             else:
-                if "\0" in value:
-                    raise ValueError(f"{self.name}: NUL in argument")
+                if "\0" in value or "\x1e" in value:
+                    raise ValueError(f"{self.name}: NUL or RS in argument")
                 fields.append(f"s{value}")
         return "\0".join(fields).encode(), fd
 

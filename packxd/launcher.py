@@ -9,6 +9,7 @@ points, brings its loopback up and streams it the setup operations.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import stat
 import struct
@@ -169,14 +170,6 @@ def loopback_up(netns_fd: int) -> None:
                           f"{os.strerror(-error)}")
 
 
-async def _recv_byte(sock: socket.socket) -> bytes:
-    while True:
-        try:
-            return sock.recv(1)
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
-
-
 async def _send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     while True:
         try:
@@ -186,8 +179,27 @@ async def _send_datagram(sock: socket.socket, data: bytes, fds: list[int]) -> No
             await anyio.wait_writable(sock)
 
 
+BATCH_BYTES = 128 * 1024
+
+
 def encode_ops(ops: list[container.Op]) -> list[tuple[bytes, int | None]]:
-    return [op.encode() for op in [*ops, container.END]]
+    """The datagrams for the init script: batches of operations, one fd at most each."""
+    batches: list[tuple[bytes, int | None]] = []
+    records: list[bytes] = []
+    batch_fd: int | None = None
+    size = 0
+    for op in [*ops, container.END]:
+        data, fd = op.encode()
+        if records and ((fd is not None and batch_fd is not None)
+                        or size + len(data) > BATCH_BYTES):
+            batches.append((b"\x1e".join(records), batch_fd))
+            records, batch_fd, size = [], None, 0
+        records.append(data)
+        size += len(data) + 1
+        if fd is not None:
+            batch_fd = fd
+    batches.append((b"\x1e".join(records), batch_fd))
+    return batches
 
 
 def close_op_fds(ops: list[tuple[bytes, int | None]]) -> None:
@@ -222,14 +234,14 @@ async def start_container(ops: list[tuple[bytes, int | None]], *, user: int, cal
         try:
             assert actor.child_pid is not None
             with _proc_files(actor.child_pid) as proc:
-                # sync point #1: the child is alive, so these files are its own
-                await _send_datagram(host, b".", [])
-                if await _recv_byte(host) != b".":
+                # The child still runs after we opened them (its pidfd is not
+                # readable), so its pid was not reused: the files are its own.
+                if actor.pidfd is None or select.select([actor.pidfd], [], [], 0)[0]:
                     raise LaunchError("the container died while starting")
                 os.write(proc["uid_map"], f"0 0 1\n{user} {caller_uid} 1\n".encode())
                 os.write(proc["setgroups"], b"allow")
                 os.write(proc["gid_map"], f"0 0 1\n{user} {caller_gid} 1\n".encode())
-                # sync point #2
+                # the sync point: maps written
                 await _send_datagram(host, b".", [])
                 if newns_net:
                     loopback_up(proc["ns/net"])

@@ -47,16 +47,19 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 
 
 def _reset_signals() -> None:
+    """Gives every signal the disposition a fresh interpreter gives it."""
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
+        if sig == signal.SIGINT:
+            wanted: Any = signal.default_int_handler
+        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            wanted = signal.SIG_IGN
+        else:
+            wanted = signal.SIG_DFL
         try:
-            if sig == signal.SIGINT:
-                signal.signal(sig, signal.default_int_handler)
-            elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_IGN)  # as a fresh interpreter has them
-            else:
-                signal.signal(sig, signal.SIG_DFL)
+            if signal.getsignal(sig) is not wanted:  # only touch what differs
+                signal.signal(sig, wanted)
         except (OSError, ValueError):
             pass
     signal.set_wakeup_fd(-1)

@@ -189,6 +189,16 @@ class Actor:
     def address(self) -> Channel:
         return self._channel
 
+    @property
+    def pidfd(self) -> int | None:
+        """A pidfd of the actor's process, or None (in-process, or it has exited).
+
+        While the pidfd is not readable the process runs, so ``child_pid``
+        still names it: files opened under ``/proc/<child_pid>`` before that
+        check are the actor's own.
+        """
+        return self._pidfd
+
     async def send(self, msg: Any) -> None:
         """Queues ``msg`` for the actor's inbox.
 
