@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn
 
+from ._text import kind as _kind
+from ._text import show
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "Bind",
@@ -169,28 +172,7 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _show(value: object, limit: int = 80) -> str:
-    """A value as one ASCII line of JSON, shortened."""
-    try:
-        s = json.dumps(value, ensure_ascii=True)
-    except (TypeError, ValueError):
-        s = repr(value)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if value is None:
-        return "null"
-    return type(value).__name__
+    return show(value, limit)
 
 
 def _join(parent: str, key: str) -> str:

@@ -19,6 +19,9 @@ import json
 import re
 import socket
 
+from ._text import kind as _kind
+from ._text import show
+
 # Not typing.TYPE_CHECKING: importing typing costs the client milliseconds.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -108,28 +111,7 @@ class Request:
 
 
 def _show(value: object, limit: int = 60) -> str:
-    """*value* as one short ASCII line of JSON, for messages."""
-    try:
-        s = json.dumps(value, ensure_ascii=True)
-    except (TypeError, ValueError):
-        s = repr(value)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if value is None:
-        return "null"
-    return type(value).__name__
+    return show(value, limit)
 
 
 def _fail(message: str) -> NoReturn:

@@ -244,12 +244,7 @@ class Actor:
     def detach(self) -> None:
         """Lets the actor outlive its spawner."""
         self._detached = True
-        if self._spawner is not None:
-            try:
-                self._spawner.children.remove(self)
-            except ValueError:
-                pass
-            self._spawner = None
+        self._leave_spawner()
         if self._supervisor is not None and self.child_pid:
             self._supervisor.notify({"op": "detach", "pid": self.child_pid})
 
@@ -313,13 +308,17 @@ class Actor:
         self._finish()
 
     def _finish(self) -> None:
+        self._leave_spawner()
+        self._done.set()
+
+    def _leave_spawner(self) -> None:
+        """No longer one of the children its spawner kills when it ends."""
         if self._spawner is not None:
             try:
                 self._spawner.children.remove(self)
             except ValueError:
                 pass
             self._spawner = None
-        self._done.set()
 
     def _kill_on_parent_exit(self) -> None:
         if not self._detached:
