@@ -2,12 +2,11 @@
 
 Order, each step checked:
 
-1. parent-death signal; stdio as requested; the inbox on fd 3; every other
+1. the supervisor clones the child straight into its new namespaces
+   (``_linux.clone_fork``): in a new PID namespace it is PID 1 at once.
+2. parent-death signal; stdio as requested; the inbox on fd 3; every other
    descriptor closed; signal dispositions reset.
-2. ``unshare`` of the requested namespaces. With a new PID namespace, fork
-   once more: the grandchild is PID 1 there, and the forked process stays as
-   a tiny waiter whose parent-death signal chains to PID 1's.
-3. report the pid (or the errno) to the supervisor; ``spawn_actor`` returns.
+3. report readiness to the supervisor; ``spawn_actor`` returns.
 4. read the body the parent queued on the inbox: what to run, the
    environment, the init script and its ``arg``.
 5. run the init script; on failure report an InitError to the parent.
@@ -22,7 +21,6 @@ pivot_root'ed into an empty tmpfs.
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import signal
@@ -72,24 +70,20 @@ def _alive(pidfd: int) -> bool:
 
 def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
               stdio_fds: list[int], flags: int) -> NoReturn:
-    """Runs in the supervisor's fork. Never returns."""
+    """Runs in the supervisor's fork, already in its new namespaces. Never returns."""
     try:
-        global _parent_pid
-        _parent_pid = os.getppid()
+        global _parent_pid, _parent_gate
+        _parent_pid = os.getppid()  # 0 in a new pid namespace
         prctl.set_pdeathsig(signal.SIGKILL)
         if not _alive(sup_pidfd):
             os._exit(1)
-        _setup_fds(report_w, inbox_fd, stdio, stdio_fds)
-        _reset_signals()
-        try:
-            _linux.unshare(flags)
-        except OSError as e:
-            os.write(100, _REPORT.pack(e.errno or errno.EIO, 0))
-            os._exit(1)
+        _setup_fds(report_w, inbox_fd, stdio, stdio_fds, sup_pidfd)
         if flags & _linux.CLONE_NEWPID:
-            _fork_pid1()
+            _parent_gate = _GATE_FD  # getppid() cannot name the supervisor here
         else:
-            os.write(100, _REPORT.pack(0, os.getpid()))
+            os.close(_GATE_FD)
+        _reset_signals()
+        os.write(100, _REPORT.pack(0, 0))
         os.close(100)
         _run()
     except BaseException:
@@ -99,15 +93,20 @@ def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
             os._exit(1)
 
 
-def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int]) -> None:
+_GATE_FD = 105  # the supervisor's pidfd: readable once the supervisor has died
+
+
+def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int],
+               sup_pidfd: int) -> None:
     # Park what we keep above the range we rearrange, then close the rest.
     os.dup2(report_w, 100)
     os.dup2(inbox_fd, 101)
     for i, fd in enumerate(stdio_fds):
         if fd >= 0:
             os.dup2(fd, 102 + i)
+    os.dup2(sup_pidfd, _GATE_FD)
     _linux.close_range(3, 99)
-    _linux.close_range(102 + 3)
+    _linux.close_range(_GATE_FD + 1)
     for i, action in enumerate(stdio):
         if action == "fd":
             os.dup2(102 + i, i)
@@ -129,7 +128,7 @@ def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[i
 
 
 _parent_pid = 0  # the supervisor
-_parent_gate = -1  # in a new pidns, where getppid() says 0
+_parent_gate = -1  # in a new pid namespace, where getppid() says 0
 
 
 def _rearm_parent_death_signal() -> None:
@@ -148,33 +147,6 @@ def _rearm_parent_death_signal() -> None:
         gone = os.getppid() != _parent_pid
     if gone:
         os._exit(1)
-
-
-def _fork_pid1() -> None:
-    """Forks the process that is PID 1 of the new namespace; the caller waits."""
-    gate_r, gate_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        os.close(gate_w)
-        global _parent_gate
-        _parent_gate = gate_r  # reaches EOF when the waiter, our parent, dies
-        _rearm_parent_death_signal()
-        return
-    # The waiter: report PID 1, drop everything, mirror its exit status.
-    os.write(100, _REPORT.pack(0, pid))
-    os.close(100)
-    os.close(gate_r)
-    _linux.close_range(3, gate_w - 1)
-    _linux.close_range(gate_w + 1)
-    prctl.set_name("pactors-nswait")
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(128 - code if code < 0 else code)
 
 
 _status_fd = INBOX_FD

@@ -79,6 +79,7 @@ __all__ = [
     "cap_reset_ambient",
     "cap_set_ambient",
     "cap_set_proc",
+    "clone_fork",
     "close_range",
     "mount",
     "mount_setattr",
@@ -333,6 +334,38 @@ def mount_setattr(dirfd: int, path: _Path, flags: int, attr_set: int,
     attr = _MountAttr(attr_set, attr_clr, 0, 0)
     _check(_sys_mount_setattr(_SYS_MOUNT_SETATTR, dirfd, os.fsencode(path), flags,
                               ctypes.byref(attr), ctypes.sizeof(attr)), path)
+
+
+# clone(2) as fork(2) does it, but with namespace flags: the child starts in
+# its new namespaces (as PID 1 of a new pid namespace) without a second fork.
+# Called through PyDLL so the GIL stays held across the syscall, wrapped in
+# the interpreter's own fork hooks, with a NULL stack so that the child
+# returns from the syscall exactly like a forked child. The caller must be
+# single-threaded (the supervisor is).
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "arm64": 220}.get(os.uname().machine, -1)
+_pyapi = ctypes.pythonapi
+_py_syscall = ctypes.PyDLL(None, use_errno=True).syscall
+_py_syscall.restype = _c_long
+_py_syscall.argtypes = [_c_long, _c_ulong, _c_void_p, _c_void_p, _c_void_p, _c_ulong]
+_SIGCHLD = int(signal.SIGCHLD)
+
+
+def clone_fork(flags: int) -> int:
+    """Forks into new namespaces (``CLONE_NEW*`` flags); returns 0 in the child."""
+    if _SYS_CLONE < 0:
+        raise OSError(_errno.ENOSYS, "clone: unsupported architecture")
+    _pyapi.PyOS_BeforeFork()
+    ctypes.set_errno(0)
+    pid = _py_syscall(_SYS_CLONE, flags | _SIGCHLD, None, None, None, 0)
+    if pid == 0:
+        _pyapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    _pyapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        err = err or _errno.EINVAL  # never report a failed clone as success
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return int(pid)
 
 
 _UINT_MAX = 0xFFFFFFFF

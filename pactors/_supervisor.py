@@ -94,10 +94,9 @@ def _preload() -> None:
 
 
 class _Child:
-    __slots__ = ("detached", "report_pid")
+    __slots__ = ("detached",)
 
-    def __init__(self, report_pid: int) -> None:
-        self.report_pid = report_pid  # the pid the spawner knows (PID 1 of a new pidns)
+    def __init__(self) -> None:
         self.detached = False
 
 
@@ -213,11 +212,14 @@ class _Supervisor:
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            pid = os.fork()
+            # Straight into the new namespaces: as PID 1 of a new pid namespace,
+            # the child needs no second fork.
+            pid = _linux.clone_fork(flags) if flags else os.fork()
         except OSError as e:
             os.close(report_r)
             os.close(report_w)
-            self.send({"id": req["id"], "errno": e.errno, "message": f"fork: {e.strerror}"})
+            self.send({"id": req["id"], "errno": e.errno,
+                       "message": f"creating the process failed: {e.strerror}"})
             return
         if pid == 0:
             _child.bootstrap(self.pidfd, report_w, inbox_fd, stdio, stdio_fds, flags)
@@ -232,15 +234,16 @@ class _Supervisor:
                 break
             report += chunk
         os.close(report_r)
-        err, real_pid = _REPORT.unpack(report) if len(report) == _REPORT.size else (errno.ECHILD, 0)
+        err, _ = _REPORT.unpack(report) if len(report) == _REPORT.size else (errno.ECHILD, 0)
         if err:
             os.waitpid(pid, 0)
             self.send({"id": req["id"], "errno": err, "message": "spawning the actor failed"})
             return
-        pidfd = os.pidfd_open(real_pid)
+        # Not reaped before we have its pidfd: only we reap our children.
+        pidfd = os.pidfd_open(pid)
         try:
-            self.children[pid] = _Child(real_pid)
-            self.send({"id": req["id"], "errno": 0, "pid": real_pid}, [pidfd])
+            self.children[pid] = _Child()
+            self.send({"id": req["id"], "errno": 0, "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)
 
@@ -257,7 +260,7 @@ class _Supervisor:
             child = self.children.pop(pid, None)
             if child is not None:
                 code = os.waitstatus_to_exitcode(status)
-                self.send({"op": "exit", "pid": child.report_pid,
+                self.send({"op": "exit", "pid": pid,
                            "status": 128 - code if code < 0 else code})
 
     def disconnect(self) -> None:
@@ -267,10 +270,9 @@ class _Supervisor:
         self.sock.close()
         for pid, child in self.children.items():
             if not child.detached:
-                # PID 1 of a new pidns as well as its waiter: an init script
-                # that changes credentials clears PID 1's parent-death signal.
-                for target in {pid, child.report_pid}:
-                    try:
-                        os.kill(target, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                # Explicitly: an init script that changes credentials clears
+                # the child's parent-death signal until it is set again.
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
