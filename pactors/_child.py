@@ -21,7 +21,9 @@ pivot_root'ed into an empty tmpfs.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import select
 import signal
 import socket
@@ -30,6 +32,8 @@ import sys
 import traceback
 from typing import Any, NoReturn
 
+import anyio
+import cloudpickle
 import prctl
 
 from . import _codec, _linux, _wire
@@ -37,6 +41,7 @@ from ._errors import InitError
 from .subprocess_init import InitScriptFailure, run_init_script
 
 INBOX_FD = 3
+ACTOR_NAME = "pactors-actor"  # the supervisor's own name would mislead ps
 _REPORT = struct.Struct("<ii")
 
 # Signals PID 1 forwards to the actor (Emilua's set).
@@ -75,6 +80,7 @@ def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
         global _parent_pid, _parent_gate
         _parent_pid = os.getppid()  # 0 in a new pid namespace
         prctl.set_pdeathsig(signal.SIGKILL)
+        prctl.set_name(ACTOR_NAME)
         if not _alive(sup_pidfd):
             os._exit(1)
         _setup_fds(report_w, inbox_fd, stdio, stdio_fds, sup_pidfd)
@@ -96,6 +102,91 @@ def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
 _GATE_FD = 105  # the supervisor's pidfd: readable once the supervisor has died
 
 
+def spare(ctrl_fd: int, sup_pidfd: int) -> NoReturn:
+    """A warm spare: forked ahead of time, already running its event loop.
+
+    The supervisor hands it the next plain spawn (no namespaces, no init
+    script), which then costs neither a fork nor an event loop's start.
+    """
+    try:
+        global _parent_pid
+        _parent_pid = os.getppid()
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if not _alive(sup_pidfd):
+            os._exit(1)
+        prctl.set_name("pactors-spare")
+        # Keep stdio and the control socket (fd 4); hold fd 3 for the inbox so
+        # that the event loop's own descriptors land above it.
+        os.dup2(ctrl_fd, _SPARE_CTRL_FD)
+        _linux.close_range(_SPARE_CTRL_FD + 1)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(null, INBOX_FD)
+        os.close(null)
+        _reset_signals()
+        status = anyio.run(_spare_main)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+
+_SPARE_CTRL_FD = 4
+
+
+async def _spare_main() -> int:
+    ctrl = socket.socket(fileno=_SPARE_CTRL_FD)
+    ctrl.setblocking(False)
+    while True:
+        try:
+            data, ancdata, _, _ = ctrl.recvmsg(4096, socket.CMSG_SPACE(8 * 4),
+                                               socket.MSG_CMSG_CLOEXEC)
+            break
+        except BlockingIOError:
+            await anyio.wait_readable(ctrl)
+    ctrl.close()
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]))
+    if not data:  # the supervisor is done with us
+        _wire.close_all(fds)
+        return 0
+    prctl.set_name(ACTOR_NAME)
+    order = json.loads(data)
+    report_w, inbox_fd, rest = fds[0], fds[1], iter(fds[2:])
+    stdio_fds = [next(rest) if action == "fd" else -1 for action in order["stdio"]]
+    _place_stdio(order["stdio"], stdio_fds)
+    os.dup2(inbox_fd, INBOX_FD)
+    os.set_inheritable(INBOX_FD, False)
+    _wire.close_all([inbox_fd, *(fd for fd in stdio_fds if fd >= 0)])
+    os.write(report_w, _REPORT.pack(0, 0))
+    os.close(report_w)
+
+    inbox = socket.socket(fileno=INBOX_FD)
+    while True:
+        try:
+            frame = _wire.recv_frame_nowait(inbox)
+            break
+        except BlockingIOError:
+            await anyio.wait_readable(inbox)
+    inbox.detach()
+    if frame is None or frame.kind != _wire.BODY:
+        return 1
+    body, _ = _parse_body(frame)
+    entry = cloudpickle.loads(body["callable"]) if body.get("callable") else body["module"]
+    frame.payload[:] = bytes(len(frame.payload))
+    global _status_fd
+    _status_fd = os.dup(INBOX_FD)
+    from . import _runtime
+    return await _runtime.process_actor(entry, body["environment"], INBOX_FD, _report)
+
+
 def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int],
                sup_pidfd: int) -> None:
     # Park what we keep above the range we rearrange, then close the rest.
@@ -107,18 +198,28 @@ def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[i
     os.dup2(sup_pidfd, _GATE_FD)
     _linux.close_range(3, 99)
     _linux.close_range(_GATE_FD + 1)
+    for i, fd in enumerate(stdio_fds):
+        if fd >= 0:
+            stdio_fds[i] = 102 + i
+    _place_stdio(stdio, stdio_fds)
+    for fd in stdio_fds:
+        if fd >= 0:
+            os.close(fd)
+    os.dup2(101, INBOX_FD)
+    os.close(101)
+    os.set_inheritable(INBOX_FD, False)
+
+
+def _place_stdio(stdio: list[str], stdio_fds: list[int]) -> None:
+    """Puts the requested descriptors on 0, 1 and 2, and rebinds sys.std*."""
     for i, action in enumerate(stdio):
         if action == "fd":
-            os.dup2(102 + i, i)
-            os.close(102 + i)
+            os.dup2(stdio_fds[i], i)
         elif action == "null":
             null = os.open(os.devnull, os.O_RDWR)
             if null != i:
                 os.dup2(null, i)
                 os.close(null)
-    os.dup2(101, INBOX_FD)
-    os.close(101)
-    os.set_inheritable(INBOX_FD, False)
     # The supervisor's sys.std* may wrap descriptors that no longer exist here.
     sys.stdin = open(0, closefd=False, errors="surrogateescape")  # noqa: SIM115
     sys.stdout = open(1, "w", buffering=1, closefd=False,  # noqa: SIM115
@@ -177,7 +278,6 @@ def _run() -> NoReturn:
 
     entry: Any = None
     if body.get("callable") is not None:
-        import cloudpickle  # already imported by the supervisor; this is a dict lookup
         entry = cloudpickle.loads(body["callable"])
     body.pop("callable", None)
 
@@ -212,7 +312,6 @@ def _run() -> NoReturn:
 
 
 def _parse_body(frame: _wire.Frame) -> tuple[dict[str, Any], bytearray | None]:
-    import pickle
     (head_len,) = struct.unpack_from("<I", frame.payload)
     body: dict[str, Any] = pickle.loads(frame.payload[4:4 + head_len])
     script = frame.payload[4 + head_len:] if body["has_script"] else None

@@ -120,6 +120,8 @@ class _SupervisorClient:
                         self.broken = "this process closed its connection"
                         return
                     continue
+                except ConnectionResetError:
+                    continue  # reported ahead of what it still sent us: read on
                 except OSError as e:
                     self.broken = f"its connection failed: {e.strerror}"
                     return
@@ -246,20 +248,27 @@ def _exception_fields(exc: BaseException) -> dict[str, Any]:
 def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: int,
                       report: Callable[[int, dict[str, Any]], None]) -> int:
     """The body of a subprocess actor after its init script; returns the exit status."""
+    try:
+        return anyio.run(process_actor, entry, environment, inbox_fd, report)
+    except BaseException as e:  # from the event loop itself
+        return _error_status(e, report)
+
+
+async def process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: int,
+                        report: Callable[[int, dict[str, Any]], None]) -> int:
+    """Runs a subprocess actor's main in the running event loop; returns its status.
+
+    An exception escaping main is sent to the parent with ``report``.
+    """
     from . import vm
 
     os.environ.clear()
     os.environ.update(environment or {})
+    runtime: _Runtime | None = None
     try:
         func = vm.resolve_entry(entry)
-    except BaseException as e:
-        report(_wire.ACTOR_ERROR, _exception_fields(e))
-        return 1
-
-    async def process_main() -> int:
         inbox = Inbox()
         inbox._add_source(socket.socket(fileno=inbox_fd))
-        runtime: _Runtime | None = None
         try:
             async with anyio.create_task_group() as tg:
                 runtime = _Runtime(tg)
@@ -271,11 +280,12 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
             if runtime is not None:
                 await runtime.aclose()
         return _exit_status(result)
+    except BaseException as e:
+        return _error_status(e, report)
 
-    try:
-        return anyio.run(process_main)
-    except BaseException as group:
-        error = _unwrap(group)
+
+def _error_status(exc: BaseException, report: Callable[[int, dict[str, Any]], None]) -> int:
+    error = _unwrap(exc)
     if isinstance(error, SystemExit):
         return _exit_status(error.code if error.code is not None else 0)
     if isinstance(error, KeyboardInterrupt):

@@ -30,6 +30,7 @@ import socket
 import struct
 import sys
 import threading
+import traceback
 from typing import Any, NoReturn
 
 import prctl
@@ -65,6 +66,10 @@ def start() -> tuple[socket.socket, int]:
             # A fresh context: nothing of the forking task's context variables
             # (current actor, async library) reaches actors forked from here.
             contextvars.Context().run(_main, theirs)
+        except BaseException:
+            # A bug: say so, since every actor dies with us.
+            traceback.print_exc()
+            os._exit(70)
         finally:
             os._exit(0)
     theirs.close()
@@ -149,18 +154,29 @@ class _Supervisor:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.connected = True
+        self.writable = True
         self.children: dict[int, _Child] = {}  # keyed by the pid we reap
         self.pidfd = os.pidfd_open(os.getpid())
+        # A warm spare for plain spawns: (pid, control socket), made after
+        # the first plain spawn and after each use.
+        self.spare: tuple[int, socket.socket] | None = None
 
     def serve_one(self) -> bool:
         """Handles one request; returns False when the spawner is gone."""
-        try:
-            data, ancdata, _flags, _ = self.sock.recvmsg(
-                MAX_REQUEST, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
-        except InterruptedError:
-            return True
-        except OSError:
-            data, ancdata = b"", []
+        while True:
+            try:
+                data, ancdata, _flags, _ = self.sock.recvmsg(
+                    MAX_REQUEST, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+                break
+            except InterruptedError:
+                return True
+            except ConnectionResetError:
+                # The spawner closed with our reports unread; Linux says so
+                # once, ahead of what it had still sent us (a detach, say).
+                continue
+            except OSError:
+                data, ancdata = b"", []
+                break
         fds: list[int] = []
         for level, ctype, cdata in ancdata:
             if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
@@ -186,7 +202,7 @@ class _Supervisor:
         return True
 
     def send(self, obj: dict[str, Any], fds: list[int] = []) -> None:  # noqa: B006
-        if not self.connected:
+        if not self.connected or not self.writable:
             return
         data = json.dumps(obj).encode()
         while True:
@@ -199,7 +215,9 @@ class _Supervisor:
             except InterruptedError:
                 continue
             except OSError:
-                self.disconnect()
+                # The spawner is gone, but what it sent before going (a detach,
+                # say) is still queued: the read side disconnects at its end.
+                self.writable = False
                 return
 
     def spawn(self, req: dict[str, Any], fds: list[int]) -> None:
@@ -208,21 +226,60 @@ class _Supervisor:
         inbox_fd = fds[0]
         it = iter(fds[1:])
         stdio_fds = [next(it) if action == STDIO_FD else -1 for action in stdio]
+        warm = bool(req.get("warm")) and not flags
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        pid = self._hand_to_spare(report_w, fds, stdio) if warm else 0
+        if not pid:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                # Straight into the new namespaces: as PID 1 of a new pid
+                # namespace, the child needs no second fork.
+                pid = _linux.clone_fork(flags) if flags else os.fork()
+            except OSError as e:
+                os.close(report_r)
+                os.close(report_w)
+                self.send({"id": req["id"], "errno": e.errno,
+                           "message": f"creating the process failed: {e.strerror}"})
+                return
+            if pid == 0:
+                _child.bootstrap(self.pidfd, report_w, inbox_fd, stdio, stdio_fds, flags)
+        self._finish_spawn(req, pid, report_r, report_w)
+        if warm and self.spare is None:
+            self._make_spare()
+
+    def _hand_to_spare(self, report_w: int, fds: list[int], stdio: list[str]) -> int:
+        """Gives a plain spawn to the warm spare; returns its pid, or 0."""
+        if self.spare is None:
+            return 0
+        pid, ctrl = self.spare
+        self.spare = None
+        try:
+            _wire._sendmsg(ctrl, json.dumps({"stdio": stdio}).encode(), [report_w, *fds])
+        except OSError:  # it died: fork as usual
+            return 0
+        finally:
+            ctrl.close()
+        return pid
+
+    def _make_spare(self) -> None:
+        ours, theirs = _wire.seqpacket_pair()
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            # Straight into the new namespaces: as PID 1 of a new pid namespace,
-            # the child needs no second fork.
-            pid = _linux.clone_fork(flags) if flags else os.fork()
-        except OSError as e:
-            os.close(report_r)
-            os.close(report_w)
-            self.send({"id": req["id"], "errno": e.errno,
-                       "message": f"creating the process failed: {e.strerror}"})
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
             return
         if pid == 0:
-            _child.bootstrap(self.pidfd, report_w, inbox_fd, stdio, stdio_fds, flags)
+            ours.close()
+            _child.spare(theirs.fileno(), self.pidfd)
+        theirs.close()
+        self.spare = (pid, ours)
+
+    def _finish_spawn(self, req: dict[str, Any], pid: int, report_r: int,
+                      report_w: int) -> None:
         os.close(report_w)
         report = b""
         while len(report) < _REPORT.size:
@@ -257,6 +314,9 @@ class _Supervisor:
                 continue
             if pid == 0:
                 return
+            if self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()
+                self.spare = None
             child = self.children.pop(pid, None)
             if child is not None:
                 code = os.waitstatus_to_exitcode(status)
@@ -268,6 +328,11 @@ class _Supervisor:
             return
         self.connected = False
         self.sock.close()
+        if self.spare is not None:
+            pid, ctrl = self.spare
+            ctrl.close()  # the spare sees EOF and exits; we reap it like a child
+            self.children[pid] = _Child()
+            self.spare = None
         for pid, child in self.children.items():
             if not child.detached:
                 # Explicitly: an init script that changes credentials clears

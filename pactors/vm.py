@@ -416,7 +416,8 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
         # init script, its arg or the pickled callable.
         await _wire.send_frame(ours, _wire.BODY, payload, init_fds)
         reply, fds = await supervisor.request(
-            {"op": "spawn", "flags": spec.clone_flags, "stdio": stdio},
+            {"op": "spawn", "flags": spec.clone_flags, "stdio": stdio,
+             "warm": spec.clone_flags == 0 and spec.init is None},
             [theirs.fileno(), *stdio_fds])
     except BaseException:
         ours.close()

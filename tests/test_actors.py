@@ -65,14 +65,26 @@ def proc_state(pid: int) -> str | None:
 
 
 def children_of(ppid: int) -> dict[int, str]:
-    """Every process whose parent is ``ppid``, with its state letter."""
+    """Every process whose parent is ``ppid``, with its state letter.
+
+    A supervisor's warm spare (named pactors-spare) is not one of them: it is
+    not an actor, and a supervisor keeps one ready after a plain spawn.
+    """
     found: dict[int, str] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             fields = proc_stat(int(name))
-            if fields is not None and int(fields[1]) == ppid:
+            if fields is not None and int(fields[1]) == ppid and not is_spare(int(name)):
                 found[int(name)] = fields[0]
     return found
+
+
+def is_spare(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "pactors-spare"
+    except OSError:
+        return False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
