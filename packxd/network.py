@@ -50,7 +50,7 @@ from .config import Veth
 
 NETNS_DIR = "/run/netns"
 NETNS_PREFIX = "packxd-"
-LOCK_PATH = "/run/packxd-network.lock"
+STAMP_DIR = "/run/packxd-network"  # what ensure() last built, per namespace
 NFT_TABLE = "packxd"
 GUEST_IFNAME = "eth0"
 
@@ -65,7 +65,9 @@ def netns_name(guest: str) -> str:
 
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
-    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    """Serializes network changes across processes: an flock on /run/netns."""
+    os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
+    fd = os.open(NETNS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -119,6 +121,7 @@ def ensure(guest: str, veth: Veth) -> None:
     prefix = veth.address.network.prefixlen
     gateway = str(veth.gateway)
     with locked():
+        _remove_stamp(guest)  # until this ensure has finished
         try:
             if not _netns_usable(name):
                 with contextlib.suppress(OSError):
@@ -153,11 +156,47 @@ def ensure(guest: str, veth: Veth) -> None:
                     ns.route("replace", dst="0.0.0.0/0", gateway=gateway)
                 _set_addr(host, host_index, gateway, prefix)
                 host.link("set", index=host_index, state="up")
+            os.makedirs(STAMP_DIR, mode=0o700, exist_ok=True)
+            with open(_stamp_path(guest), "w") as f:
+                f.write(_stamp(veth))
         except NetworkError:
             raise
         except Exception as e:
             raise NetworkError(f"setting up the network of guest \"{guest}\" failed: "
                                f"{e}") from e
+
+
+def _remove_stamp(guest: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_stamp_path(guest))
+
+
+def _stamp(veth: Veth) -> str:
+    return f"{veth.ifname} {veth.address} {veth.gateway}\n"
+
+
+def _stamp_path(guest: str) -> str:
+    return os.path.join(STAMP_DIR, netns_name(guest))
+
+
+def looks_complete(guest: str, veth: Veth) -> bool:
+    """A cheap check, without netlink, that ``ensure`` has nothing left to do.
+
+    ``ensure`` leaves a stamp of the configuration it built once it is done;
+    with the stamp matching, the namespace mounted and the veth up at both
+    ends (operstate "up"), a launch reuses the network as it is. Anything
+    else, a changed config included, goes to ``ensure``.
+    """
+    if not _netns_usable(netns_name(guest)):
+        return False
+    try:
+        with open(_stamp_path(guest)) as f:
+            if f.read() != _stamp(veth):
+                return False
+        with open(f"/sys/class/net/{veth.ifname}/operstate") as f:
+            return f.read().strip() == "up"
+    except OSError:
+        return False
 
 
 def open_netns(guest: str) -> int:
@@ -202,9 +241,13 @@ def teardown(namespaces: Iterable[str], ifnames: Iterable[str], *, nat: bool) ->
                     host.link("del", index=index)
                     removed.append(f"veth {ifname}")
         for name in namespaces:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(STAMP_DIR, name))
             if os.path.lexists(os.path.join(NETNS_DIR, name)):
                 netns.remove(name)
                 removed.append(f"netns {name}")
+        with contextlib.suppress(OSError):
+            os.rmdir(STAMP_DIR)  # once empty
         if nat and _nft(["list", "table", "ip", NFT_TABLE], check=False) == 0:
             _nft(["delete", "table", "ip", NFT_TABLE])
             removed.append(f"nft table ip {NFT_TABLE}")

@@ -144,6 +144,9 @@ def remove_netns(name: str, netns_dir: str = NETNS_DIR) -> None:
         subprocess.run(["umount", "-l", path], capture_output=True, check=False)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    # The daemon's record of what it built there goes with it.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(network.STAMP_DIR, name))
 
 
 def remove_guest_network(net: Net) -> None:
@@ -430,6 +433,8 @@ def network_sandbox() -> Iterator[None]:
         sh("nft", "delete", "table", "ip", network.NFT_TABLE, check=False)
     with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
         f.write(forward_before + "\n")
+    with contextlib.suppress(OSError):
+        os.rmdir(network.STAMP_DIR)
     left = [n.netns for n in ALL_NETS if os.path.lexists(netns_path(n.netns))]
     left += [REMOTE_NS] if os.path.lexists(netns_path(REMOTE_NS)) else []
     left += [i for i in ALL_IFNAMES if link_exists(i)]
@@ -667,9 +672,19 @@ def _stale_addresses() -> None:
     sh("ip", "addr", "add", "10.213.45.99/24", "dev", HALF.ifname)
 
 
+def _stale_addresses_and_stamp() -> None:
+    # As above, complete for the older config, whose launch left its stamp:
+    # the changed config must still be applied.
+    _stale_addresses()
+    sh("ip", "link", "set", HALF.ifname, "up")
+    os.makedirs(network.STAMP_DIR, exist_ok=True)
+    with open(os.path.join(network.STAMP_DIR, HALF.netns), "w") as f:
+        f.write(f"{HALF.ifname} 10.213.45.77/24 10.213.45.99\n")
+
+
 @pytest.mark.parametrize("make_half_state", [
     _stale_file, _netns_only, _host_veth_without_peer, _peer_without_host_veth,
-    _veth_unconfigured, _stale_addresses,
+    _veth_unconfigured, _stale_addresses, _stale_addresses_and_stamp,
 ], ids=lambda f: f.__name__.strip("_"))
 def test_half_state_is_repaired(net_daemon: Daemon, test_user: User,
                                 make_half_state: Callable[[], None]) -> None:

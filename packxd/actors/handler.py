@@ -25,7 +25,7 @@ import anyio.abc
 import pactors
 
 from .. import container, launcher, network, protocol, safepath
-from ..config import Config, Guest
+from ..config import Config, Guest, Veth
 from ..launcher import LaunchError
 from . import userrundir
 from .guest import XPRA_DISPLAY
@@ -359,24 +359,33 @@ async def _guest_netns(daemon: Daemon, stack: ExitStack, guest: Guest) -> int | 
     if guest.veth is None:
         return None
     async with daemon.network_lock:
-        worker = await pactors.spawn_actor("packxd.actors.netns",
-                                           subprocess=pactors.Subprocess(stderr="share"))
-        replies = pactors.Inbox()
-        try:
-            await worker.send({"guest": guest.name, "ifname": guest.veth.ifname,
-                               "address": str(guest.veth.address),
-                               "gateway": str(guest.veth.gateway),
-                               "reply_to": replies.address})
-            reply = await _receive(replies, worker)
-            await worker.wait()
-        finally:
-            replies.close()
-            worker.close()
-    if not reply.get("ok"):
-        raise LaunchError(str(reply.get("error", "setting up the network failed")))
-    fd = network.open_netns(guest.name)
+        if not network.looks_complete(guest.name, guest.veth):
+            await _ensure_network(guest, guest.veth)
+    try:
+        fd = network.open_netns(guest.name)
+    except OSError as e:
+        raise LaunchError(f"the network namespace of guest \"{guest.name}\" is gone: "
+                          f"{e.strerror}") from None
     stack.callback(os.close, fd)
     return fd
+
+
+async def _ensure_network(guest: Guest, veth: Veth) -> None:
+    """Has the netns worker create or repair the guest's network."""
+    worker = await pactors.spawn_actor("packxd.actors.netns",
+                                       subprocess=pactors.Subprocess(stderr="share"))
+    replies = pactors.Inbox()
+    try:
+        await worker.send({"guest": guest.name, "ifname": veth.ifname,
+                           "address": str(veth.address), "gateway": str(veth.gateway),
+                           "reply_to": replies.address})
+        reply = await _receive(replies, worker)
+        await worker.wait()
+    finally:
+        replies.close()
+        worker.close()
+    if not reply.get("ok"):
+        raise LaunchError(str(reply.get("error", "setting up the network failed")))
 
 
 async def _receive(inbox: pactors.Inbox, worker: pactors.Actor | None) -> dict[str, Any]:
