@@ -17,7 +17,8 @@ import time
 
 from _common import machine
 
-BENCHMARKS = ["bench_spawn.py", "bench_messages.py", "bench_memory.py", "bench_namespaces.py"]
+BENCHMARKS = ["bench_spawn.py", "bench_messages.py", "bench_memory.py", "bench_namespaces.py",
+              "bench_launch.py"]
 
 
 def load() -> str:
