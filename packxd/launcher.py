@@ -84,11 +84,28 @@ def open_home(stack: ExitStack, state_dir: str, caller_uid: int, uid: int, gid: 
     return mount_tree(stack, home, readonly=False, recursive=False)
 
 
-def open_user_runtime(stack: ExitStack, uid: int, gid: int) -> None:
-    """Makes sure ``/run/user/<uid>`` exists and is the caller's, as logind would."""
+def open_user_runtime(stack: ExitStack, uid: int, gid: int) -> bool:
+    """Makes sure ``/run/user/<uid>`` exists and is the caller's, as logind would.
+
+    Returns whether it had to create it (then ``remove_user_runtime`` may go).
+    """
     fd = _opened(stack, safepath.open_path("/run"))
     fd = _opened(stack, safepath.ensure_dir(fd, "user", mode=0o755, uid=0, gid=0))
+    missing = not os.path.lexists(f"/proc/self/fd/{fd}/{uid}")
     _opened(stack, safepath.ensure_dir(fd, str(uid), mode=0o700, uid=uid, gid=gid))
+    return missing
+
+
+def remove_user_runtime(uid: int) -> bool:
+    """Removes ``/run/user/<uid>`` if it is empty; /run/user is root's, so the
+    path cannot be redirected. Returns whether it is gone."""
+    try:
+        os.rmdir(f"/run/user/{uid}")
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def open_rootfs_dirs(stack: ExitStack, guest: Guest) -> tuple[int, tuple[tuple[str, int], ...]]:

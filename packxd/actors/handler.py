@@ -91,6 +91,8 @@ class Daemon:
     running: dict[tuple[int, str, str], Launch] = dataclasses.field(default_factory=dict)
     # One guest network is created at a time, as the seed's mutex does.
     network_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)
+    # The /run/user/<uid> directories this daemon created (for xpra).
+    made_rundirs: set[int] = dataclasses.field(default_factory=set)
 
 
 def peer_credentials(sock: socket.socket) -> Caller:
@@ -279,7 +281,8 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             binds = launcher.open_binds(stack, guest)
             xpra_fd = None
             if xpra:
-                launcher.open_user_runtime(stack, run_uid, run_gid)
+                if launcher.open_user_runtime(stack, run_uid, run_gid):
+                    daemon.made_rundirs.add(run_uid)
                 await _userrundir("create", caller, launch.app, launch.profile)
                 xpra_fd = launcher.mount_tree(
                     stack, stack.enter_context(_owned_dir(runtime_dir + "/xpra", run_uid)),
@@ -341,6 +344,13 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                     await _userrundir("remove", caller, launch.app, launch.profile)
                 except (LaunchError, pactors.PactorsError, OSError) as e:
                     log(f"cleaning {runtime_dir} failed: {e}")
+                # Like logind at logout: the /run/user/<uid> we made goes with
+                # the user's last display launch.
+                busy = any(other.caller.run_ids[0] == run_uid and other.display == "xpra"
+                           for other in daemon.running.values() if other is not launch)
+                if (run_uid in daemon.made_rundirs and not busy
+                        and launcher.remove_user_runtime(run_uid)):
+                    daemon.made_rundirs.discard(run_uid)
 
 
 def _resolv_conf(guest: Guest) -> str | None:
