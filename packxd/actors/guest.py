@@ -78,7 +78,7 @@ async def main(inbox: pactors.Inbox) -> int:
     await events.send({"event": "started"})
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_serve_requests, inbox, proc, tg.cancel_scope)
+        tg.start_soon(_serve_requests, inbox, proc)
         if display == "xpra":
             tg.start_soon(_watch_display, events, env, start["xpra_dir"])
         status = await proc.wait()
@@ -88,8 +88,7 @@ async def main(inbox: pactors.Inbox) -> int:
     return status
 
 
-async def _serve_requests(inbox: pactors.Inbox, proc: system.Process,
-                          scope: anyio.CancelScope) -> None:
+async def _serve_requests(inbox: pactors.Inbox, proc: system.Process) -> None:
     try:
         async for msg in inbox:
             if isinstance(msg, dict) and isinstance(msg.get("signal"), int):
