@@ -261,11 +261,14 @@ class _Parser:
         return v
 
     def text(self, v: object, path: str) -> str:
-        """A string the OS can take: no NUL, encodable as UTF-8."""
+        """A string the OS can take: no NUL (nor RS, the container setup's
+        separator), encodable as UTF-8."""
         if not isinstance(v, str):
             self.fail(path, f"must be a string, not {_kind(v)}")
         if "\0" in v:
             self.fail(path, f"{_show(v)} must not contain a NUL character")
+        if "\x1e" in v:
+            self.fail(path, f"{_show(v)} must not contain the control character RS (0x1e)")
         try:
             v.encode("utf-8")
         except UnicodeEncodeError:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -286,8 +287,11 @@ async def process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd
 
 def _error_status(exc: BaseException, report: Callable[[int, dict[str, Any]], None]) -> int:
     error = _unwrap(exc)
-    if isinstance(error, SystemExit):
-        return _exit_status(error.code if error.code is not None else 0)
+    if isinstance(error, SystemExit):  # as the interpreter itself treats it
+        if error.code is None or isinstance(error.code, int):
+            return int(error.code or 0) & 0xFF
+        print(error.code, file=sys.stderr, flush=True)
+        return 1
     if isinstance(error, KeyboardInterrupt):
         return 128 + signal.SIGINT
     report(_wire.ACTOR_ERROR, _exception_fields(error))

@@ -1412,3 +1412,15 @@ def test_sys_exit_in_a_subprocess_actor_is_its_exit_status() -> None:
         assert await actor.wait() == 9
 
     run_actors(main)
+
+
+@pytest.mark.parametrize(("code", "status"), [(None, 0), (True, 1), ("bye", 1), (300, 44)])
+def test_sys_exit_codes_follow_the_interpreter(code: Any, status: int) -> None:
+    async def exits(inbox: pactors.Inbox) -> None:
+        sys.exit(code)
+
+    async def main() -> None:
+        actor = await pactors.spawn_actor(exits, subprocess=QUIET)
+        assert await actor.wait() == status
+
+    run_actors(main)

@@ -600,3 +600,10 @@ def test_nat_interface_is_not_a_guest_veth(tmp_path: Path, rootfs: str) -> None:
     msg = error(tmp_path, {**base(rootfs, veth=veth()), "nat": {"outbound_interface": "veth-web"}})
     assert msg == ('nat.outbound_interface: "veth-web" is the veth of guest "web", '
                    "not an outbound interface")
+
+
+def test_resolv_conf_must_not_contain_rs(tmp_path: Path, rootfs: str) -> None:
+    """RS separates the container's setup operations: refuse it at load time."""
+    assert guest_error(tmp_path, rootfs, **{"resolv.conf": "nameserver 10.0.0.1\x1e"}) == (
+        'guests.web.resolv.conf: "nameserver 10.0.0.1\\u001e" must not contain the control '
+        "character RS (0x1e)")
