@@ -778,3 +778,45 @@ def test_one_launch_per_app_and_profile(daemon: Daemon, test_user: User,
     assert result.returncode == 1
     assert result.stderr.decode().splitlines()[-1] == \
         'packxd: app "single" with profile "p" is already running'
+
+
+TIOCSTI_PROBE = """
+import errno, fcntl, termios
+try:
+    fcntl.ioctl(0, termios.TIOCSTI, b"X")
+    print("injected")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"""
+
+
+def test_the_app_cannot_inject_input_into_the_callers_terminal(
+        daemon: Daemon, test_user: User) -> None:
+    """CVE-2017-5226 (bubblewrap#142): with the caller's terminal as its stdin, the
+    app must not push characters into it with TIOCSTI. The terminal is the
+    client's controlling terminal, as in a shell; the container runs in a
+    session of its own (setsid), where it is not."""
+    import fcntl
+    import termios
+
+    def take_terminal() -> None:  # in the client, before exec
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    master, slave = os.openpty()
+    try:
+        os.chown(os.ttyname(slave), test_user.uid, -1)
+        proc = daemon.client_popen(
+            "term", "tty", "p", "/usr/bin/python3", "--", "-c", TIOCSTI_PROBE,
+            user=test_user, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            preexec_fn=take_terminal)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out.decode().strip() in ("EPERM", "EIO"), out
+        # Nothing arrived on the terminal's input side either.
+        os.set_blocking(slave, False)
+        with pytest.raises(BlockingIOError):
+            os.read(slave, 16)
+    finally:
+        os.close(master)
+        os.close(slave)
