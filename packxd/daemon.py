@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import resource
 import signal
 import socket
 import sys
@@ -29,6 +30,7 @@ from .actors import netns as _netns  # noqa: F401
 from .actors import userrundir as _userrundir  # noqa: F401
 from .actors.handler import Daemon, handler, log
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from .launcher import close_untrusted
 
 DEFAULT_STATE_DIR = "/var/lib/packxd"
 
@@ -106,8 +108,12 @@ async def serve(listener: socket.socket, daemon: Daemon) -> None:
                     actor = await pactors.spawn_actor(entry)
                     await actor.send({"conn": pactors.Fd(conn)})
                     actor.close()  # its one message is queued: free the channel now
+                except (OSError, pactors.PactorsError) as e:
+                    # Out of descriptors, say: drop this client, keep serving.
+                    log(f"cannot serve a new connection: {e}")
+                    await anyio.sleep(0.05)
                 finally:
-                    conn.close()
+                    await close_untrusted([conn.detach()])
 
 
 def teardown_network(config: Config, guest: str | None, *, force: bool) -> int:
@@ -167,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as e:
         print(f"packxd: {e}", file=sys.stderr)
         return 1
+    # Each client holds a few descriptors while it is served: room for many.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     daemon = Daemon(config=config, config_path=args.config, state_dir=args.state_dir)
     try:
         pactors.run(serve, listener, daemon)

@@ -36,6 +36,28 @@ ETC_BINDS = ("fonts", "X11")
 STATE_DIR_MODE = 0o755
 
 
+# Closing a descriptor a client sent can block for as long as the client
+# likes (a TCP socket with SO_LINGER and a full buffer, a file on a FUSE
+# mount that never answers FLUSH): never on the event loop, and only a few
+# threads at a time.
+_CLOSER = anyio.CapacityLimiter(4)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+async def close_untrusted(fds: list[int]) -> None:
+    """Closes descriptors that came from a less trusted process, off the loop."""
+    if fds:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_close_all, list(fds), limiter=_CLOSER)
+
+
 class LaunchError(Exception):
     """A launch failed; ``str()`` is a sentence for the user."""
 

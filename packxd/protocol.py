@@ -25,7 +25,7 @@ from ._text import show
 # Not typing.TYPE_CHECKING: importing typing costs the client milliseconds.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
     from typing import Any, NoReturn
 
 __all__ = [
@@ -343,7 +343,8 @@ def _close_fds(fds: Iterable[int]) -> None:
 
 
 def recv_packet(
-    sock: socket.socket, maxfds: int, maxbytes: int = MAX_REQUEST_BYTES
+    sock: socket.socket, maxfds: int, maxbytes: int = MAX_REQUEST_BYTES,
+    discard: Callable[[list[int]], None] | None = None,
 ) -> tuple[bytes, list[int]]:
     """Receive one packet and its SCM_RIGHTS fds (close-on-exec).
 
@@ -351,7 +352,8 @@ def recv_packet(
     not fit and the packet would be refused. Returns ``(b"", [])`` at end of
     stream. A packet longer than *maxbytes* or
     with more than *maxfds* fds raises :class:`ProtocolError`, after closing
-    every fd that did arrive so a hostile peer cannot make us leak them.
+    every fd that did arrive so a hostile peer cannot make us leak them; with
+    *discard*, they are handed to it instead (closing a peer's fd can block).
     """
     fd_size = array.array("i").itemsize
     # No room at all makes the kernel discard any fds and flag MSG_CTRUNC.
@@ -364,19 +366,19 @@ def recv_packet(
             a.frombytes(payload[: len(payload) - len(payload) % fd_size])
             fds.extend(a)
     if flags & socket.MSG_TRUNC:
-        _close_fds(fds)
+        (discard or _close_fds)(fds)
         _fail(f"the packet is larger than {maxbytes} bytes")
     # CMSG_SPACE rounds up, so a few fds more than asked for can still fit:
     # count them rather than rely on MSG_CTRUNC alone.
     if flags & socket.MSG_CTRUNC or len(fds) > maxfds:
-        _close_fds(fds)
+        (discard or _close_fds)(fds)
         _fail(
             f"too many file descriptors were attached (at most {maxfds})"
             if maxfds else "file descriptors were attached where none are expected"
         )
     if not data:
         # SEQPACKET end of stream (an empty packet is treated the same).
-        _close_fds(fds)
+        (discard or _close_fds)(fds)
         return b"", []
     return data, fds
 

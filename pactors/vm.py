@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import cloudpickle
 
 from . import _linux, _supervisor, _wire
@@ -415,10 +416,13 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
         # The body goes straight to the child: the supervisor never sees the
         # init script, its arg or the pickled callable.
         await _wire.send_frame(ours, _wire.BODY, payload, init_fds)
-        reply, fds = await supervisor.request(
-            {"op": "spawn", "flags": spec.clone_flags, "stdio": stdio,
-             "warm": spec.clone_flags == 0 and spec.init is None},
-            [theirs.fileno(), *stdio_fds])
+        # Once asked, the supervisor forks: a cancelled caller must still get
+        # the handle registered, so that the child is not left running unowned.
+        with anyio.CancelScope(shield=True):
+            reply, fds = await supervisor.request(
+                {"op": "spawn", "flags": spec.clone_flags, "stdio": stdio,
+                 "warm": spec.clone_flags == 0 and spec.init is None},
+                [theirs.fileno(), *stdio_fds])
     except BaseException:
         ours.close()
         raise
@@ -438,4 +442,9 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
     actor._spawner = ctx
     ctx.children.append(actor)
     supervisor.on_exit(int(reply["pid"]), actor._on_exit)
+    try:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+    except BaseException:
+        actor.kill()  # cancelled while spawning: nobody will hold the handle
+        raise
     return actor

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 import uuid
@@ -820,3 +821,55 @@ def test_the_app_cannot_inject_input_into_the_callers_terminal(
     finally:
         os.close(master)
         os.close(slave)
+
+
+# -- denial of service ---------------------------------------------------------
+
+
+def test_one_user_cannot_hold_every_connection(daemon: Daemon,
+                                               raw: Callable[[], socket.socket]) -> None:
+    """Past the per-uid bound, connections are refused at once; others are served."""
+    from packxd.actors.handler import MAX_CONNECTIONS_PER_UID
+
+    held = [raw() for _ in range(MAX_CONNECTIONS_PER_UID)]
+    for conn in held:  # each is being served (the daemon answers on it)
+        assert exchange(conn, request("list"))["result"] == "ok"
+    extra = raw()
+    reply = json.loads(extra.recv(1 << 16))
+    assert reply == {"result": "error",
+                     "error": "packxd has too many connections; try again later"}
+    for conn in held:
+        conn.close()
+    wait_for(lambda: exchange(raw(), request("list"))["result"] == "ok", 10,
+             "the daemon to serve again")
+
+
+def test_a_client_descriptor_that_blocks_on_close_does_not_stall_the_daemon(
+        daemon: Daemon, raw: Callable[[], socket.socket]) -> None:
+    """A TCP socket with SO_LINGER and a full send buffer makes close() wait up to
+    the linger time. Sent with a request, it must not stop the daemon serving
+    others (the daemon closes client descriptors off its event loop)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # never accepted, never read: loopback only
+    sticky = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sticky.connect(listener.getsockname())
+        sticky.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+        sticky.setblocking(False)
+        try:
+            while True:
+                sticky.send(b"x" * 65536)
+        except BlockingIOError:
+            pass  # the send buffer is full now
+        conn = raw()
+        socket.send_fds(conn, [request("list")], [sticky.fileno()])
+        sticky.close()  # the daemon's copy is now the last one
+        reply = json.loads(conn.recv(1 << 16))
+        assert reply["result"] == "error" and "takes no file descriptors" in reply["error"]
+        started = time.monotonic()
+        assert exchange(raw(), request("list"))["result"] == "ok"
+        assert time.monotonic() - started < 3, "the daemon stalled on a client's close()"
+    finally:
+        sticky.close()
+        listener.close()  # the peer's reset ends the lingering close in the daemon

@@ -43,7 +43,9 @@ async def main(inbox: pactors.Inbox) -> int:
 
 async def _run(msg: dict[str, Any], reply_to: pactors.Channel) -> int:
     stdio: tuple[Any, Any, Any] = (
-        tuple(msg["stdio"]) if msg["stdio"] is not None else (None, "share", "share"))
+        # xpra mode: nothing of the daemon's (its log, or root's terminal)
+        # reaches the container; the app's display is its only channel.
+        tuple(msg["stdio"]) if msg["stdio"] is not None else (None, None, None))
     ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
     try:
         container = await launcher.start_container(
@@ -54,8 +56,8 @@ async def _run(msg: dict[str, Any], reply_to: pactors.Channel) -> int:
         return 1
     finally:
         launcher.close_op_fds(ops)
-        for fd in msg["stdio"] or ():
-            fd.close()
+        # The client's own descriptors: closing ours may be the last close.
+        await launcher.close_untrusted([fd.detach() for fd in msg["stdio"] or ()])
     try:
         await reply_to.send({"container": container.address, "pid": container.child_pid})
         try:

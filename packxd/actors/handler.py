@@ -31,6 +31,8 @@ from . import userrundir
 from .guest import XPRA_DISPLAY
 
 START_TIMEOUT = 60.0
+MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS_PER_UID = 64
 STOP_WATCHDOG = 15.0  # after a stop request: the guest gives SIGKILL at 10 s
 REFUSED_LINGER = 5.0  # how long a refused client has to send its request
 
@@ -93,6 +95,8 @@ class Daemon:
     network_lock: anyio.Lock = dataclasses.field(default_factory=anyio.Lock)
     # The /run/user/<uid> directories this daemon created (for xpra).
     made_rundirs: set[int] = dataclasses.field(default_factory=set)
+    # Open client connections per uid: a bound on what any one user may hold.
+    connections: dict[int, int] = dataclasses.field(default_factory=dict)
 
 
 def peer_credentials(sock: socket.socket) -> Caller:
@@ -101,12 +105,19 @@ def peer_credentials(sock: socket.socket) -> Caller:
     return Caller(pid, uid, gid)
 
 
+close_untrusted = launcher.close_untrusted
+
+
 async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
-    while True:
-        try:
-            return protocol.recv_packet(sock, maxfds)
-        except BlockingIOError:
-            await anyio.wait_readable(sock)
+    rejected: list[int] = []
+    try:
+        while True:
+            try:
+                return protocol.recv_packet(sock, maxfds, discard=rejected.extend)
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+    finally:
+        await close_untrusted(rejected)
 
 
 async def _send(sock: socket.socket, data: bytes, fds: list[int] | None = None) -> None:
@@ -126,10 +137,26 @@ def handler(daemon: Daemon) -> Any:
         inbox.close()
         sock = socket.socket(fileno=msg["conn"].detach())
         sock.setblocking(False)
+        uid = peer_credentials(sock).uid
+        daemon.connections[uid] = daemon.connections.get(uid, 0) + 1
         try:
-            await _serve(daemon, sock)
+            if (daemon.connections[uid] > MAX_CONNECTIONS_PER_UID
+                    or sum(daemon.connections.values()) > MAX_CONNECTIONS):
+                log(f"refused a connection of uid {uid}: too many connections")
+                try:
+                    protocol.send_packet(sock, protocol.error_reply(
+                        "packxd has too many connections; try again later"))
+                except OSError:
+                    pass
+            else:
+                await _serve(daemon, sock)
         finally:
-            sock.close()
+            daemon.connections[uid] -= 1
+            if not daemon.connections[uid]:
+                del daemon.connections[uid]
+            # Unread requests may still carry the client's descriptors.
+            anyio.notify_closing(sock)
+            await close_untrusted([sock.detach()])
 
     return main
 
@@ -150,8 +177,7 @@ async def _serve(daemon: Daemon, sock: socket.socket) -> None:
                 _, fds = await _recv(sock, protocol.MAX_REQUEST_FDS)
             except (protocol.ProtocolError, OSError):
                 fds = []
-            for fd in fds:
-                os.close(fd)
+            await close_untrusted(fds)
         return
     async with anyio.create_task_group() as tg:
         while True:
@@ -176,11 +202,7 @@ async def _serve(daemon: Daemon, sock: socket.socket) -> None:
                 log(f"internal error serving uid {caller.uid}: {e!r}\n{traceback.format_exc()}")
                 await _reply_error(sock, "internal error in packxd (see the daemon's log)")
             finally:
-                for fd in fds:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
+                await close_untrusted(fds)
 
 
 async def _reply_error(sock: socket.socket, message: str) -> None:
@@ -227,8 +249,7 @@ async def _dispatch(daemon: Daemon, caller: Caller, sock: socket.socket,
             daemon.running.pop(key, None)
             raise protocol.ProtocolError(str(e)) from None
         finally:
-            for fd in stdio:
-                os.close(fd)
+            await close_untrusted(stdio)
         try:
             await _send(sock, reply, [control.fileno()])
         finally:
