@@ -393,12 +393,35 @@ def test_system_spawn_exit_codes_kill_and_credentials(tmp_path: Any) -> None:
 
 
 def test_system_spawn_pdeathsig() -> None:
-    async def main() -> None:
-        p = pactors.system.spawn("sh", ["sh", "-c", 'grep SigPnd /proc/self/status; exit 0'],
-                                 environment=PATH_ENV, pdeathsig=signal.SIGTERM)
-        assert await p.wait() == 0
+    """The program gets the signal when the process that spawned it dies."""
+    import prctl
 
-    pactors.run(main)
+    r, w = os.pipe()
+    prctl.set_child_subreaper(1)  # the orphaned program comes to us, to be reaped
+    try:
+        spawner = os.fork()
+        if spawner == 0:
+            os.close(r)
+            p = pactors.system.spawn("sleep", ["sleep", "30"], environment=PATH_ENV,
+                                     pdeathsig=signal.SIGTERM)
+            os.write(w, str(p.pid).encode())
+            os._exit(0)  # the spawner dies; its program must follow
+        os.close(w)
+        pid = int(os.read(r, 32))
+        os.waitpid(spawner, 0)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert done and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    finally:
+        os.close(r)
+        prctl.set_child_subreaper(0)
 
 
 SPAWNER = r"""

@@ -26,7 +26,7 @@ import pactors
 
 from .. import container, launcher, network, protocol, safepath
 from ..config import Config, Guest, Veth
-from ..launcher import LaunchError
+from ..launcher import LaunchError, close_untrusted
 from . import userrundir
 from .guest import XPRA_DISPLAY
 
@@ -103,9 +103,6 @@ def peer_credentials(sock: socket.socket) -> Caller:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return Caller(pid, uid, gid)
-
-
-close_untrusted = launcher.close_untrusted
 
 
 async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
