@@ -6,17 +6,17 @@ Order, each step checked:
    (``_linux.clone_fork``): in a new PID namespace it is PID 1 at once.
 2. parent-death signal; stdio as requested; the inbox on fd 3; every other
    descriptor closed; signal dispositions reset.
-3. report readiness to the supervisor; ``spawn_actor`` returns.
-4. read the body the parent queued on the inbox: what to run, the
+3. read the body the parent queued on the inbox: what to run, the
    environment, the init script and its ``arg``.
-5. run the init script; on failure report an InitError to the parent.
-6. close every descriptor but 0-2 and the inbox; zero the body.
-7. as PID 1, fork the actor (PID 2) and reap until it exits.
-8. set the environment, load the entry point, run it under anyio, and exit
+4. run the init script; on failure report an InitError to the parent.
+5. close every descriptor but 0-2 and the inbox; zero the body.
+6. as PID 1, fork the actor (PID 2) and reap until it exits.
+7. set the environment, load the entry point, run it under anyio, and exit
    with its status; an exception is reported to the parent as plain data.
 
-Nothing here imports modules after step 5: the init script may have
-pivot_root'ed into an empty tmpfs.
+The supervisor answers ``spawn_actor`` right after step 1, so the spawner
+writes its maps while steps 2 and 3 run. Nothing here imports modules after
+step 4: the init script may have pivot_root'ed into an empty tmpfs.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from .subprocess_init import InitScriptFailure, run_init_script
 
 INBOX_FD = 3
 ACTOR_NAME = "pactors-actor"  # the supervisor's own name would mislead ps
-_REPORT = struct.Struct("<ii")
 
 # Signals PID 1 forwards to the actor (Emilua's set).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
@@ -73,30 +72,87 @@ def _alive(pidfd: int) -> bool:
     return not select.select([pidfd], [], [], 0)[0]
 
 
-def bootstrap(sup_pidfd: int, report_w: int, inbox_fd: int, stdio: list[str],
-              stdio_fds: list[int], flags: int) -> NoReturn:
+def _start(sup_pidfd: int, name: str) -> None:
+    """First thing in every fork: die with the supervisor, and say what we are."""
+    global _parent_pid
+    _parent_pid = os.getppid()  # 0 in a new pid namespace
+    prctl.set_pdeathsig(signal.SIGKILL)
+    prctl.set_name(name)
+    if not _alive(sup_pidfd):
+        os._exit(1)
+
+
+def _keep_gate(flags: int) -> None:
+    global _parent_gate
+    if flags & _linux.CLONE_NEWPID:
+        _parent_gate = _GATE_FD  # getppid() cannot name the supervisor here
+    else:
+        os.close(_GATE_FD)
+
+
+def bootstrap(sup_pidfd: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int],
+              flags: int) -> NoReturn:
     """Runs in the supervisor's fork, already in its new namespaces. Never returns."""
     try:
-        global _parent_pid, _parent_gate
-        _parent_pid = os.getppid()  # 0 in a new pid namespace
-        prctl.set_pdeathsig(signal.SIGKILL)
-        prctl.set_name(ACTOR_NAME)
-        if not _alive(sup_pidfd):
-            os._exit(1)
-        _setup_fds(report_w, inbox_fd, stdio, stdio_fds, sup_pidfd)
-        if flags & _linux.CLONE_NEWPID:
-            _parent_gate = _GATE_FD  # getppid() cannot name the supervisor here
-        else:
-            os.close(_GATE_FD)
-        _reset_signals()
-        os.write(100, _REPORT.pack(0, 0))
-        os.close(100)
+        _start(sup_pidfd, ACTOR_NAME)
+        os.dup2(sup_pidfd, _GATE_FD)
+        _setup_fds(inbox_fd, stdio, stdio_fds)
+        _linux.close_range(_GATE_FD + 1)
+        _keep_gate(flags)
+        _reset_signals()  # a signal sent since the fork is delivered here
         _run()
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGINT)
     except BaseException:
         try:
             traceback.print_exc()
         finally:
             os._exit(1)
+
+
+def ns_spare(ctrl_fd: int, sup_pidfd: int, flags: int) -> NoReturn:
+    """A warm spare for spawns into new namespaces, cloned into fresh ones
+    ahead of time: the next spawn with the same flags costs neither the
+    clone nor the steps of ``bootstrap`` before its init script.
+
+    Its namespaces are made when it is: the supervisor discards it if its
+    mount table changes meanwhile (the hostname it copied is not watched).
+    """
+    try:
+        _start(sup_pidfd, "pactors-spare")
+        os.dup2(ctrl_fd, _NS_SPARE_CTRL_FD)
+        os.dup2(sup_pidfd, _GATE_FD)
+        _linux.close_range(3, _NS_SPARE_CTRL_FD - 1)
+        _linux.close_range(_NS_SPARE_CTRL_FD + 1, _GATE_FD - 1)
+        _linux.close_range(_GATE_FD + 1)
+        _keep_gate(flags)
+        _reset_signals()
+        ctrl = socket.socket(fileno=_NS_SPARE_CTRL_FD)
+        data, fds = _wire.recvmsg_fds(ctrl, 4096, 8)
+        ctrl.close()
+        if not data:  # the supervisor is done with us
+            os._exit(0)
+        prctl.set_name(ACTOR_NAME)
+        _setup_fds(*_order(data, fds))
+        _run()
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGINT)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+
+
+_NS_SPARE_CTRL_FD = 100  # until the spawn it takes over arrives
+
+
+def _order(data: bytes, fds: list[int]) -> tuple[int, list[str], list[int]]:
+    """A spare's order from the supervisor: the inbox, the stdio actions and
+    the descriptors of those that are "fd"."""
+    stdio: list[str] = json.loads(data)["stdio"]
+    inbox_fd, rest = fds[0], iter(fds[1:])
+    return inbox_fd, stdio, [next(rest) if action == "fd" else -1 for action in stdio]
 
 
 _GATE_FD = 105  # the supervisor's pidfd: readable once the supervisor has died
@@ -109,12 +165,7 @@ def spare(ctrl_fd: int, sup_pidfd: int) -> NoReturn:
     script), which then costs neither a fork nor an event loop's start.
     """
     try:
-        global _parent_pid
-        _parent_pid = os.getppid()
-        prctl.set_pdeathsig(signal.SIGKILL)
-        if not _alive(sup_pidfd):
-            os._exit(1)
-        prctl.set_name("pactors-spare")
+        _start(sup_pidfd, "pactors-spare")
         # Keep stdio and the control socket (fd 4); hold fd 3 for the inbox so
         # that the event loop's own descriptors land above it.
         os.dup2(ctrl_fd, _SPARE_CTRL_FD)
@@ -144,29 +195,20 @@ async def _spare_main() -> int:
     ctrl.setblocking(False)
     while True:
         try:
-            data, ancdata, _, _ = ctrl.recvmsg(4096, socket.CMSG_SPACE(8 * 4),
-                                               socket.MSG_CMSG_CLOEXEC)
+            data, fds = _wire.recvmsg_fds(ctrl, 4096, 8)
             break
         except BlockingIOError:
             await anyio.wait_readable(ctrl)
     ctrl.close()
-    fds: list[int] = []
-    for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            fds.extend(struct.unpack(f"{len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]))
     if not data:  # the supervisor is done with us
         _wire.close_all(fds)
         return 0
     prctl.set_name(ACTOR_NAME)
-    order = json.loads(data)
-    report_w, inbox_fd, rest = fds[0], fds[1], iter(fds[2:])
-    stdio_fds = [next(rest) if action == "fd" else -1 for action in order["stdio"]]
-    _place_stdio(order["stdio"], stdio_fds)
+    inbox_fd, stdio, stdio_fds = _order(data, fds)
+    _place_stdio(stdio, stdio_fds)
     os.dup2(inbox_fd, INBOX_FD)
     os.set_inheritable(INBOX_FD, False)
     _wire.close_all([inbox_fd, *(fd for fd in stdio_fds if fd >= 0)])
-    os.write(report_w, _REPORT.pack(0, 0))
-    os.close(report_w)
 
     inbox = socket.socket(fileno=INBOX_FD)
     while True:
@@ -187,17 +229,14 @@ async def _spare_main() -> int:
     return await _runtime.process_actor(entry, body["environment"], INBOX_FD, _report)
 
 
-def _setup_fds(report_w: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int],
-               sup_pidfd: int) -> None:
+def _setup_fds(inbox_fd: int, stdio: list[str], stdio_fds: list[int]) -> None:
+    """Puts stdio on 0-2 and the inbox on 3, and closes 3-99 otherwise."""
     # Park what we keep above the range we rearrange, then close the rest.
-    os.dup2(report_w, 100)
     os.dup2(inbox_fd, 101)
     for i, fd in enumerate(stdio_fds):
         if fd >= 0:
             os.dup2(fd, 102 + i)
-    os.dup2(sup_pidfd, _GATE_FD)
     _linux.close_range(3, 99)
-    _linux.close_range(_GATE_FD + 1)
     for i, fd in enumerate(stdio_fds):
         if fd >= 0:
             stdio_fds[i] = 102 + i

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -112,8 +111,7 @@ class _SupervisorClient:
         try:
             while True:
                 try:
-                    data, ancdata, _flags, _ = self.sock.recvmsg(
-                        4096, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+                    data, fds = _wire.recvmsg_fds(self.sock, 4096, 4)
                 except BlockingIOError:
                     try:
                         await anyio.wait_readable(self.sock)
@@ -126,11 +124,6 @@ class _SupervisorClient:
                 except OSError as e:
                     self.broken = f"its connection failed: {e.strerror}"
                     return
-                fds: list[int] = []
-                for level, ctype, cdata in ancdata:
-                    if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                        fds.extend(struct.unpack(f"{len(cdata) // 4}i",
-                                                 cdata[:len(cdata) // 4 * 4]))
                 if not data:
                     self.broken = "its connection closed"
                     return

@@ -27,7 +27,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import traceback
@@ -37,8 +36,9 @@ import prctl
 
 from . import _child, _linux, _wire
 
-_REPORT = struct.Struct("<ii")  # (errno, pid), child to supervisor
 MAX_REQUEST = 4096
+MAX_SPARES = 4
+SUPERVISOR_BLOCKED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 # stdio actions in a spawn request
 STDIO_SHARE = "share"
@@ -121,9 +121,10 @@ def _main(sock: socket.socket) -> NoReturn:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     # Ctrl-C reaches the whole process group; the supervisor finishes its
-    # work when its spawner's connection closes instead.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-        signal.signal(sig, signal.SIG_IGN)
+    # work when its spawner's connection closes instead. Blocked, not
+    # ignored: a child inherits the mask, so a signal sent to it before it
+    # has reset its dispositions waits instead of being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_BLOCKED)
     gc.freeze()  # keep the heap pages shared with every child we fork
 
     sup = _Supervisor(sock)
@@ -132,16 +133,28 @@ def _main(sock: socket.socket) -> NoReturn:
     poller.register(sock_fd, select.POLLIN)
     registered = True
     poller.register(wake_r, select.POLLIN)
+    try:
+        # POLLPRI once our mount table changes (proc(5)); each poll re-arms it.
+        mounts = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        mounts = -1  # no spares with a mount namespace then
+    else:
+        poller.register(mounts, select.POLLPRI)
+        sup.watching_mounts = True
     while sup.connected or sup.children:
-        for fd, _ in poller.poll():
+        ready = [fd for fd, _ in poller.poll()]
+        if mounts in ready:  # before any spawn request that came with it
+            sup.mounts_changed()
+        for fd in ready:
             if fd == wake_r:
                 try:
                     while os.read(wake_r, 256):
                         pass
                 except BlockingIOError:
                     pass
-            elif sup.connected:
+            elif fd == sock_fd and sup.connected:
                 sup.serve_one()
+        sup.refill()
         sup.reap()
         if not sup.connected and registered:
             # Gone while serving or while reporting: stop polling a closed fd.
@@ -157,16 +170,17 @@ class _Supervisor:
         self.writable = True
         self.children: dict[int, _Child] = {}  # keyed by the pid we reap
         self.pidfd = os.pidfd_open(os.getpid())
-        # A warm spare for plain spawns: (pid, control socket), made after
-        # the first plain spawn and after each use.
-        self.spare: tuple[int, socket.socket] | None = None
+        # Warm spares by clone flags: (pid, control socket), made after the
+        # first spawn with those flags and after each use.
+        self.spares: dict[int, tuple[int, socket.socket]] = {}
+        self.watching_mounts = False
+        self.wanted: list[int] = []
 
     def serve_one(self) -> bool:
         """Handles one request; returns False when the spawner is gone."""
         while True:
             try:
-                data, ancdata, _flags, _ = self.sock.recvmsg(
-                    MAX_REQUEST, socket.CMSG_SPACE(8 * 4), socket.MSG_CMSG_CLOEXEC)
+                data, fds = _wire.recvmsg_fds(self.sock, MAX_REQUEST, 8)
                 break
             except InterruptedError:
                 return True
@@ -175,12 +189,8 @@ class _Supervisor:
                 # once, ahead of what it had still sent us (a detach, say).
                 continue
             except OSError:
-                data, ancdata = b"", []
+                data, fds = b"", []
                 break
-        fds: list[int] = []
-        for level, ctype, cdata in ancdata:
-            if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-                fds.extend(struct.unpack(f"{len(cdata) // 4}i", cdata[:len(cdata) // 4 * 4]))
         if not data:
             _wire.close_all(fds)
             self.disconnect()
@@ -226,9 +236,9 @@ class _Supervisor:
         inbox_fd = fds[0]
         it = iter(fds[1:])
         stdio_fds = [next(it) if action == STDIO_FD else -1 for action in stdio]
-        warm = bool(req.get("warm")) and not flags
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
-        pid = self._hand_to_spare(report_w, fds, stdio) if warm else 0
+        # The event-loop spare (flags 0) cannot run an init script first.
+        key = flags if flags or not req.get("init") else None
+        pid = self._hand_to_spare(key, fds, stdio) if key is not None else 0
         if not pid:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -237,72 +247,78 @@ class _Supervisor:
                 # namespace, the child needs no second fork.
                 pid = _linux.clone_fork(flags) if flags else os.fork()
             except OSError as e:
-                os.close(report_r)
-                os.close(report_w)
                 self.send({"id": req["id"], "errno": e.errno,
                            "message": f"creating the process failed: {e.strerror}"})
                 return
             if pid == 0:
-                _child.bootstrap(self.pidfd, report_w, inbox_fd, stdio, stdio_fds, flags)
-        self._finish_spawn(req, pid, report_r, report_w)
-        if warm and self.spare is None:
-            self._make_spare()
-
-    def _hand_to_spare(self, report_w: int, fds: list[int], stdio: list[str]) -> int:
-        """Gives a plain spawn to the warm spare; returns its pid, or 0."""
-        if self.spare is None:
-            return 0
-        pid, ctrl = self.spare
-        self.spare = None
+                _child.bootstrap(self.pidfd, inbox_fd, stdio, stdio_fds, flags)
+        # The reply does not wait for the child to set itself up: the
+        # spawner can write its maps meanwhile. A child that fails from here
+        # on exits, and its exit is reported like any other.
+        pidfd = os.pidfd_open(pid)  # not reaped before this: only we reap our children
         try:
-            _wire._sendmsg(ctrl, json.dumps({"stdio": stdio}).encode(), [report_w, *fds])
-        except OSError:  # it died: fork as usual
+            self.children[pid] = _Child()
+            self.send({"id": req["id"], "errno": 0, "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
+        if key is not None and key not in self.spares:
+            self.wanted.append(key)  # made once the request's descriptors are closed
+
+    def refill(self) -> None:
+        """Makes the spares spawns used up, with none of a request's
+        descriptors open: a spare must not keep an inbox alive."""
+        while self.wanted:
+            key = self.wanted.pop()
+            if key not in self.spares and self.connected:
+                self._make_spare(key)
+
+    def _hand_to_spare(self, key: int, fds: list[int], stdio: list[str]) -> int:
+        """Gives a spawn to the warm spare made for its flags; returns its pid, or 0."""
+        spare = self.spares.pop(key, None)
+        if spare is None:
+            return 0
+        pid, ctrl = spare
+        try:
+            _wire._sendmsg(ctrl, json.dumps({"stdio": stdio}).encode(), fds)
+        except OSError:  # it died (reaped unreported): fork as usual
             return 0
         finally:
             ctrl.close()
         return pid
 
-    def _make_spare(self) -> None:
+    def _make_spare(self, flags: int) -> None:
+        """Forks the next spare for ``flags``: with flags 0 it starts its
+        event loop, otherwise it is cloned into fresh namespaces. Either way
+        it then waits for a spawn to take over."""
+        if flags & _linux.CLONE_NEWNS and not self.watching_mounts:
+            return  # a stale copy of the mount table could go unnoticed
+        if len(self.spares) >= MAX_SPARES:
+            self._discard(next(iter(self.spares)))  # the least recently made
         ours, theirs = _wire.seqpacket_pair()
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            pid = os.fork()
+            pid = _linux.clone_fork(flags) if flags else os.fork()
         except OSError:
             ours.close()
             theirs.close()
             return
         if pid == 0:
             ours.close()
+            if flags:
+                _child.ns_spare(theirs.fileno(), self.pidfd, flags)
             _child.spare(theirs.fileno(), self.pidfd)
         theirs.close()
-        self.spare = (pid, ours)
+        self.spares[flags] = (pid, ours)
 
-    def _finish_spawn(self, req: dict[str, Any], pid: int, report_r: int,
-                      report_w: int) -> None:
-        os.close(report_w)
-        report = b""
-        while len(report) < _REPORT.size:
-            try:
-                chunk = os.read(report_r, _REPORT.size - len(report))
-            except InterruptedError:
-                continue
-            if not chunk:
-                break
-            report += chunk
-        os.close(report_r)
-        err, _ = _REPORT.unpack(report) if len(report) == _REPORT.size else (errno.ECHILD, 0)
-        if err:
-            os.waitpid(pid, 0)
-            self.send({"id": req["id"], "errno": err, "message": "spawning the actor failed"})
-            return
-        # Not reaped before we have its pidfd: only we reap our children.
-        pidfd = os.pidfd_open(pid)
-        try:
-            self.children[pid] = _Child()
-            self.send({"id": req["id"], "errno": 0, "pid": pid}, [pidfd])
-        finally:
-            os.close(pidfd)
+    def _discard(self, key: int) -> None:
+        _, ctrl = self.spares.pop(key)
+        ctrl.close()  # it sees EOF and exits; reap() reaps it unreported
+
+    def mounts_changed(self) -> None:
+        """Our mount table changed: spares hold copies made before the change."""
+        for key in [k for k in self.spares if k & _linux.CLONE_NEWNS]:
+            self._discard(key)
 
     def reap(self) -> None:
         while True:
@@ -314,9 +330,9 @@ class _Supervisor:
                 continue
             if pid == 0:
                 return
-            if self.spare is not None and self.spare[0] == pid:
-                self.spare[1].close()
-                self.spare = None
+            for key, (spare_pid, _) in list(self.spares.items()):
+                if spare_pid == pid:
+                    self._discard(key)
             child = self.children.pop(pid, None)
             if child is not None:
                 code = os.waitstatus_to_exitcode(status)
@@ -328,11 +344,9 @@ class _Supervisor:
             return
         self.connected = False
         self.sock.close()
-        if self.spare is not None:
-            pid, ctrl = self.spare
-            ctrl.close()  # the spare sees EOF and exits; we reap it like a child
-            self.children[pid] = _Child()
-            self.spare = None
+        for key in list(self.spares):
+            self.children[self.spares[key][0]] = _Child()  # reaped before we exit
+            self._discard(key)
         for pid, child in self.children.items():
             if not child.detached:
                 # Explicitly: an init script that changes credentials clears

@@ -144,6 +144,24 @@ def _unspill(memfd: int, length: int) -> bytearray:
     return buf
 
 
+def rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in recvmsg's ancillary data (SCM_RIGHTS)."""
+    fds: list[int] = []
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(cdata[:len(cdata) - len(cdata) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def recvmsg_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """One recvmsg on a control socket: the data and the descriptors it carried."""
+    data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * 4),
+                                       socket.MSG_CMSG_CLOEXEC)
+    return data, rights(ancdata)
+
+
 def receive_buffer() -> bytearray:
     """A buffer for ``recv_frame_nowait`` to reuse across calls."""
     return bytearray(_RECV_BUFSIZE)
@@ -167,12 +185,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
             # The peer closed with our messages unread. Linux reports that
             # once, ahead of what the peer had queued for us: read on.
             continue
-    fds: list[int] = []
-    for level, ctype, cdata in ancdata:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(cdata[:len(cdata) - len(cdata) % arr.itemsize])
-            fds.extend(arr)
+    fds = rights(ancdata)
     try:
         if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             raise MessageError("message truncated: too large or too many descriptors")

