@@ -38,7 +38,6 @@ from . import _child, _linux, _wire
 
 MAX_REQUEST = 4096
 MAX_SPARES = 4
-SUPERVISOR_BLOCKED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 # stdio actions in a spawn request
 STDIO_SHARE = "share"
@@ -118,13 +117,7 @@ def _main(sock: socket.socket) -> NoReturn:
     prctl.set_child_subreaper(1)
     prctl.set_name("pactors-sup")
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    # Ctrl-C reaches the whole process group; the supervisor finishes its
-    # work when its spawner's connection closes instead. Blocked, not
-    # ignored: a child inherits the mask, so a signal sent to it before it
-    # has reset its dispositions waits instead of being lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_BLOCKED)
+    _child.enter_supervisor_signals(wake_w)
     gc.freeze()  # keep the heap pages shared with every child we fork
 
     sup = _Supervisor(sock)
@@ -174,7 +167,7 @@ class _Supervisor:
         # first spawn with those flags and after each use.
         self.spares: dict[int, tuple[int, socket.socket]] = {}
         self.watching_mounts = False
-        self.wanted: list[int] = []
+        self.wanted: list[int] = []  # flags of the spares to make
 
     def serve_one(self) -> bool:
         """Handles one request; returns False when the spawner is gone."""

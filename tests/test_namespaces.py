@@ -597,3 +597,39 @@ def test_a_mount_made_after_the_spare_is_seen(tmp_path: Any) -> None:
         assert after == ["marker"], "the spawn ran in a stale copy of the mount table"
     finally:
         subprocess.run(["umount", "-R", base], check=True)
+
+
+async def report_signals(inbox: pactors.Inbox) -> None:
+    msg = await inbox.receive()
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    await msg["reply_to"].send({k: int(fields[k], 16) for k in ("SigIgn", "SigBlk")})
+
+
+@pytest.mark.parametrize("ns", [{}, {"newns_uts": True}, ALL_NS], ids=["plain", "uts", "all"])
+def test_actors_start_with_default_signals(ns: dict[str, bool]) -> None:
+    """Whatever the spawner ignored or blocked, an actor starts as a fresh
+    interpreter does: only SIGPIPE and SIGXFSZ ignored, nothing blocked."""
+    spec = pactors.Subprocess(stdout="share", stderr="share", **ns)
+
+    async def main() -> list[dict[str, int]]:
+        inbox = pactors.current_inbox()
+        reports = []
+        for _ in range(2):  # forked, then (a spare made meanwhile) warm
+            actor = await pactors.spawn_actor(report_signals, subprocess=spec)
+            await actor.send({"reply_to": inbox.address})
+            reports.append(await inbox.receive())
+            assert await actor.wait() == 0
+            await anyio.sleep(0.05)
+        return reports
+
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1, signal.SIGHUP)}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    try:
+        reports = pactors.run(main)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    fresh = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+    assert reports == [{"SigIgn": fresh, "SigBlk": 0}] * 2
