@@ -11,7 +11,8 @@ privileges dropped), timed from starting the client to its exit, against
 
 all as fork + exec + wait of the whole command. Targets: <= 1x firejail;
 stretch <= 2x bwrap. The client's own start counts, so its import of the
-standard library alone is reported too.
+standard library alone is reported too
+(`python -m packxd.client --help`).
 
 Issue 5: a guest with ``veth``: the first launch (netns and veth pair
 created; torn down before each run) against a warm launch (reused).
@@ -120,8 +121,8 @@ def main() -> None:
         packxd = measure("packxd client, terminal mode, /bin/true",
                          lambda: daemon.client("term"), args.runs, budget_s=20)
         setup = Stats("daemon: request to app started", daemon.setup_times()[-packxd.n:])
-        client_start = measure("client start: python -c 'import packxd.client'",
-                               lambda: run_command([PY, "-c", "import packxd.client"]),
+        client_start = measure("client alone: python -m packxd.client --help",
+                               lambda: run_command([PY, "-m", "packxd.client", "--help"]),
                                args.runs, budget_s=10)
         firejail = measure(" ".join(FIREJAIL), lambda: run_command(FIREJAIL), args.runs,
                            budget_s=15)

@@ -42,9 +42,10 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyroute2 import IPRoute, NetlinkError, netns
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 from .config import Veth
 
@@ -97,6 +98,8 @@ def _link_index(ipr: IPRoute, ifname: str) -> int | None:
 def _set_addr(ipr: IPRoute, index: int, address: str, prefixlen: int) -> None:
     """Makes ``address/prefixlen`` the only IPv4 address of the link: stale ones
     (the config's address changed since the namespace was made) go."""
+    from pyroute2 import NetlinkError
+
     def ours(a: Any) -> bool:
         return bool(a.get_attr("IFA_ADDRESS") == address and a["prefixlen"] == prefixlen)
 
@@ -115,7 +118,14 @@ def _set_addr(ipr: IPRoute, index: int, address: str, prefixlen: int) -> None:
 
 
 def ensure(guest: str, veth: Veth) -> None:
-    """Creates or repairs the guest's namespace and veth pair; idempotent."""
+    """Creates or repairs the guest's namespace and veth pair; idempotent.
+
+    Imports pyroute2 (70 ms) here, not at the top: only the netns worker and
+    ``--teardown-network`` need it, and every actor the daemon spawns is
+    forked from an image that would otherwise carry it (10 MiB).
+    """
+    from pyroute2 import IPRoute, netns
+
     name = netns_name(guest)
     address = str(veth.address.ip)
     prefix = veth.address.network.prefixlen
@@ -232,6 +242,8 @@ def packxd_namespaces() -> list[str]:
 
 def teardown(namespaces: Iterable[str], ifnames: Iterable[str], *, nat: bool) -> list[str]:
     """Removes the named namespaces, host veths and (with ``nat``) the nft table."""
+    from pyroute2 import IPRoute, netns
+
     removed = []
     with locked():
         with IPRoute() as host:

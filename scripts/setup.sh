@@ -36,4 +36,7 @@ fi
 # Non-editable: the installed copy lives under /opt and is readable by the
 # unprivileged users that run the client; the checkout may not be.
 "$VENV/bin/pip" install -q --disable-pip-version-check "$here[dev]"
+# Builds are isolated, so nothing needs setuptools at run time; its .pth hook
+# would cost every start of the client an import.
+"$VENV/bin/pip" uninstall -q -y setuptools >/dev/null 2>&1 || true
 chmod -R a+rX "$(dirname "$VENV")"
