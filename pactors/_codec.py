@@ -45,64 +45,47 @@ HANDLE_FD = "fd"
 HANDLE_ADDRESS = "address"
 
 
+_TAG_U32 = struct.Struct("<BI")
+_TAG_I64 = struct.Struct("<Bq")
+_TAG_F64 = struct.Struct("<Bd")
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list[Any]]:
     """Encodes ``msg`` and returns the bytes and the handles in wire order.
 
     ``classify(value)`` returns ``HANDLE_FD`` or ``HANDLE_ADDRESS`` for values
     that travel as descriptors, and None for anything else.
     """
+    # Written for speed (every message goes through here): one function,
+    # branches by exact type in order of frequency, tag and length packed
+    # together.
     out = bytearray()
     handles: list[Any] = []
     seen: set[int] = set()
 
     def put(value: Any, depth: int) -> None:
-        if depth > MAX_DEPTH:
-            raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
-        if value is None:
-            out.append(T_NONE)
-        elif value is True:
-            out.append(T_TRUE)
-        elif value is False:
-            out.append(T_FALSE)
-        elif type(value) is int:
-            if -(1 << 63) <= value < (1 << 63):
-                out.append(T_INT)
-                out.extend(_I64.pack(value))
+        t = type(value)
+        if t is str:
+            raw = value.encode("utf-8", "surrogatepass")
+            out.extend(_TAG_U32.pack(T_STR, len(raw)))
+            out.extend(raw)
+        elif t is int:
+            if _I64_MIN <= value <= _I64_MAX:
+                out.extend(_TAG_I64.pack(T_INT, value))
             else:
                 raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
                 if len(raw) > MAX_INT_BYTES:
                     raise MessageError("integer too large to send")
-                out.append(T_BIGINT)
-                out.extend(_U32.pack(len(raw)))
+                out.extend(_TAG_U32.pack(T_BIGINT, len(raw)))
                 out.extend(raw)
-        elif type(value) is float:
-            out.append(T_FLOAT)
-            out.extend(_F64.pack(value))
-        elif type(value) is str:
-            raw = value.encode("utf-8", "surrogatepass")
-            out.append(T_STR)
-            out.extend(_U32.pack(len(raw)))
-            out.extend(raw)
-        elif type(value) in (bytes, bytearray, memoryview):
-            raw = bytes(value)
-            out.append(T_BYTES)
-            out.extend(_U32.pack(len(raw)))
-            out.extend(raw)
-        elif type(value) in (list, tuple):
+        elif t is dict:
+            if value and depth >= MAX_DEPTH:
+                raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
             if id(value) in seen:
                 raise MessageError("message contains a reference cycle")
             seen.add(id(value))
-            out.append(T_LIST if type(value) is list else T_TUPLE)
-            out.extend(_U32.pack(len(value)))
-            for item in value:
-                put(item, depth + 1)
-            seen.discard(id(value))
-        elif type(value) is dict:
-            if id(value) in seen:
-                raise MessageError("message contains a reference cycle")
-            seen.add(id(value))
-            out.append(T_DICT)
-            out.extend(_U32.pack(len(value)))
+            out.extend(_TAG_U32.pack(T_DICT, len(value)))
             for key, item in value.items():
                 if type(key) is not str:
                     raise MessageError(
@@ -112,16 +95,35 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
                 out.extend(raw)
                 put(item, depth + 1)
             seen.discard(id(value))
+        elif value is None:
+            out.append(T_NONE)
+        elif t is bool:
+            out.append(T_TRUE if value else T_FALSE)
+        elif t is list or t is tuple:
+            if value and depth >= MAX_DEPTH:
+                raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
+            if id(value) in seen:
+                raise MessageError("message contains a reference cycle")
+            seen.add(id(value))
+            out.extend(_TAG_U32.pack(T_LIST if t is list else T_TUPLE, len(value)))
+            for item in value:
+                put(item, depth + 1)
+            seen.discard(id(value))
+        elif t is float:
+            out.extend(_TAG_F64.pack(T_FLOAT, value))
+        elif t is bytes or t is bytearray or t is memoryview:
+            raw = value if t is not memoryview else value.tobytes()
+            out.extend(_TAG_U32.pack(T_BYTES, len(raw)))
+            out.extend(raw)
         else:
             kind = classify(value)
             if kind is None:
                 raise MessageError(
-                    f"cannot send a value of type {type(value).__name__}: messages carry "
+                    f"cannot send a value of type {t.__name__}: messages carry "
                     "None, bool, int, float, str, bytes, list, tuple, dict, Fd and addresses")
             if len(handles) >= MAX_FDS:
                 raise MessageError(f"a message carries at most {MAX_FDS} descriptors")
-            out.append(T_FD if kind == HANDLE_FD else T_ADDRESS)
-            out.extend(_U32.pack(len(handles)))
+            out.extend(_TAG_U32.pack(T_FD if kind == HANDLE_FD else T_ADDRESS, len(handles)))
             handles.append(value)
         if len(out) > MAX_MESSAGE_BYTES:
             raise MessageError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
@@ -138,90 +140,87 @@ def decode(data: bytes | bytearray | memoryview, nfds: int,
     Raises MessageError on any malformation, including a descriptor that is
     named twice or never.
     """
-    view = memoryview(data)
-    end = len(view)
+    buf = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+    end = len(buf)
     pos = 0
     used = [False] * nfds
-
-    def need(n: int) -> None:
-        if pos + n > end:
-            raise MessageError("truncated message")
-
-    def u32() -> int:
-        nonlocal pos
-        need(4)
-        (value,) = _U32.unpack_from(view, pos)
-        pos += 4
-        return int(value)
-
-    def raw(n: int) -> memoryview:
-        nonlocal pos
-        need(n)
-        chunk = view[pos:pos + n]
-        pos += n
-        return chunk
+    u32 = _U32.unpack_from
 
     def text(n: int) -> str:
+        nonlocal pos
+        if pos + n > end:
+            raise MessageError("truncated message")
         try:
-            return str(raw(n), "utf-8", "surrogatepass")
+            value = str(buf[pos:pos + n], "utf-8", "surrogatepass")
         except UnicodeDecodeError as e:
             raise MessageError(f"invalid UTF-8 in message: {e.reason}") from None
+        pos += n
+        return value
 
     def get(depth: int) -> Any:
         nonlocal pos
         if depth > MAX_DEPTH:
             raise MessageError(f"message nests deeper than {MAX_DEPTH} levels")
-        need(1)
-        tag = view[pos]
+        if pos >= end:
+            raise MessageError("truncated message")
+        tag = buf[pos]
         pos += 1
+        # Tags with a u32 first: strings, containers, handles.
+        if tag in _U32_TAGS:
+            if pos + 4 > end:
+                raise MessageError("truncated message")
+            (n,) = u32(buf, pos)
+            pos += 4
+            if tag == T_STR:
+                return text(n)
+            if tag == T_DICT:
+                if n > end - pos:  # every entry takes at least one byte
+                    raise MessageError("truncated message")
+                result: dict[str, Any] = {}
+                for _ in range(n):
+                    if pos + 4 > end:
+                        raise MessageError("truncated message")
+                    (klen,) = u32(buf, pos)
+                    pos += 4
+                    key = text(klen)
+                    if key in result:
+                        raise MessageError(f"duplicate dict key {key!r:.40}")
+                    result[key] = get(depth + 1)
+                return result
+            if tag in (T_LIST, T_TUPLE):
+                if n > end - pos:  # every item takes at least one byte
+                    raise MessageError("truncated message")
+                items = [get(depth + 1) for _ in range(n)]
+                return items if tag == T_LIST else tuple(items)
+            if tag == T_BYTES:
+                if pos + n > end:
+                    raise MessageError("truncated message")
+                pos += n
+                return bytes(buf[pos - n:pos])
+            if tag == T_BIGINT:
+                if n > MAX_INT_BYTES:
+                    raise MessageError("integer too large")
+                if pos + n > end:
+                    raise MessageError("truncated message")
+                pos += n
+                return int.from_bytes(buf[pos - n:pos], "little", signed=True)
+            # T_FD, T_ADDRESS
+            if n >= nfds or used[n]:
+                raise MessageError("message names a descriptor it does not carry")
+            used[n] = True
+            return make_handle(HANDLE_FD if tag == T_FD else HANDLE_ADDRESS, n)
+        if tag in (T_INT, T_FLOAT):
+            if pos + 8 > end:
+                raise MessageError("truncated message")
+            (number,) = (_I64 if tag == T_INT else _F64).unpack_from(buf, pos)
+            pos += 8
+            return number
         if tag == T_NONE:
             return None
         if tag == T_TRUE:
             return True
         if tag == T_FALSE:
             return False
-        if tag == T_INT:
-            need(8)
-            (value,) = _I64.unpack_from(view, pos)
-            pos += 8
-            return value
-        if tag == T_BIGINT:
-            n = u32()
-            if n > MAX_INT_BYTES:
-                raise MessageError("integer too large")
-            return int.from_bytes(raw(n), "little", signed=True)
-        if tag == T_FLOAT:
-            need(8)
-            (fvalue,) = _F64.unpack_from(view, pos)
-            pos += 8
-            return fvalue
-        if tag == T_STR:
-            return text(u32())
-        if tag == T_BYTES:
-            return bytes(raw(u32()))
-        if tag in (T_LIST, T_TUPLE):
-            count = u32()
-            if count > end - pos:  # every item takes at least one byte
-                raise MessageError("truncated message")
-            items = [get(depth + 1) for _ in range(count)]
-            return items if tag == T_LIST else tuple(items)
-        if tag == T_DICT:
-            count = u32()
-            if count > end - pos:
-                raise MessageError("truncated message")
-            result: dict[str, Any] = {}
-            for _ in range(count):
-                key = text(u32())
-                if key in result:
-                    raise MessageError(f"duplicate dict key {key!r:.40}")
-                result[key] = get(depth + 1)
-            return result
-        if tag in (T_FD, T_ADDRESS):
-            index = u32()
-            if index >= nfds or used[index]:
-                raise MessageError("message names a descriptor it does not carry")
-            used[index] = True
-            return make_handle(HANDLE_FD if tag == T_FD else HANDLE_ADDRESS, index)
         raise MessageError(f"unknown type tag 0x{tag:02x}")
 
     value = get(0)
@@ -230,3 +229,6 @@ def decode(data: bytes | bytearray | memoryview, nfds: int,
     if not all(used):
         raise MessageError("message carries descriptors it does not name")
     return value
+
+
+_U32_TAGS = frozenset((T_STR, T_DICT, T_LIST, T_TUPLE, T_BYTES, T_BIGINT, T_FD, T_ADDRESS))

@@ -40,6 +40,11 @@ _SPILL = struct.Struct("<BBQ")
 _REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _RECV_BUFSIZE = _SPILL.size + INLINE_MAX
 _ANCBUFSIZE = socket.CMSG_SPACE((MAX_FDS + 1) * 4)
+# Plain ints: or-ing the socket module's IntFlag members runs enum code,
+# a microsecond a time on every message.
+_SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+_RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class Frame:
@@ -92,7 +97,7 @@ def _pack(kind: int, payload: bytes | bytearray | memoryview,
 
 def _sendmsg(sock: socket.socket, data: bytes, fds: list[int]) -> None:
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([data], anc, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    sock.sendmsg([data], anc, _SEND_FLAGS)
 
 
 def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearray,
@@ -179,7 +184,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
     while True:
         try:
             nbytes, ancdata, flags, _ = sock.recvmsg_into(
-                [buf], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
+                [buf], _ANCBUFSIZE, _RECV_FLAGS)
             break
         except ConnectionResetError:
             # The peer closed with our messages unread. Linux reports that
@@ -187,7 +192,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
             continue
     fds = rights(ancdata)
     try:
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if flags & _TRUNCATED:
             raise MessageError("message truncated: too large or too many descriptors")
         if nbytes == 0 and not fds:
             return None
