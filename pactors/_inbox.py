@@ -7,10 +7,14 @@ own one-way channel that it alone can close (Emilua's model).
 
 An inbox watches its sources with one epoll descriptor, and reads only while
 somebody is in ``receive()``: the sources' socket buffers are the flow control.
+Under asyncio the event loop keeps watching that descriptor between
+receives (``anyio.wait_readable`` would add and remove it at each wait: two
+epoll_ctl calls and the selector's bookkeeping, a third of a round trip).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import select
@@ -235,6 +239,8 @@ class Inbox:
         self._ready: collections.deque[int] = collections.deque()
         self._receiving = False
         self._buffer = _wire.receive_buffer()
+        self._watcher: asyncio.AbstractEventLoop | None = None  # watching our epoll fd
+        self._waiter: asyncio.Future[None] | None = None
         self.dropped = 0  # channels closed because they sent malformed messages
 
     # Sources -----------------------------------------------------------
@@ -315,10 +321,7 @@ class Inbox:
                         raise NoSenders(
                             "no senders left for this inbox: send its address to "
                             "somebody before receiving on it")
-                    try:
-                        await anyio.wait_readable(self._epoll.fileno())
-                    except anyio.ClosedResourceError:
-                        pass  # closed while we waited: raise ChannelClosed above
+                    await self._wait_readable(self._epoll)
                     continue
                 fd = self._ready.popleft()
                 sock = self._sources.get(fd)
@@ -329,6 +332,40 @@ class Inbox:
                     return msg
         finally:
             self._receiving = False
+
+    async def _wait_readable(self, ep: select.epoll) -> None:
+        """Waits until a source may have something; returns early if closed."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: the portable way
+            try:
+                await anyio.wait_readable(ep.fileno())
+            except anyio.ClosedResourceError:
+                pass
+            return
+        if self._watcher is not loop:
+            self._unwatch()
+            loop.add_reader(ep.fileno(), self._on_readable)
+            self._watcher = loop
+        waiter = self._waiter = loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            # Nobody receives now: stop watching, or the level-triggered
+            # loop would call us on every iteration until somebody does.
+            self._unwatch()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _unwatch(self) -> None:
+        loop, self._watcher = self._watcher, None
+        if loop is not None and self._epoll is not None and not loop.is_closed():
+            loop.remove_reader(self._epoll.fileno())
 
     def _read_one(self, fd: int, sock: socket.socket) -> tuple[bool, Any]:
         try:
@@ -363,10 +400,13 @@ class Inbox:
 
     def close(self) -> None:
         """Closes the inbox and every sender's channel. Idempotent."""
-        ep, self._epoll = self._epoll, None
-        if ep is None:
+        if self._epoll is None:
             return
-        if _in_async():
+        self._unwatch()
+        ep, self._epoll = self._epoll, None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)  # the receiver sees the inbox closed
+        elif _in_async():
             anyio.notify_closing(ep.fileno())
         for sock in self._sources.values():
             sock.close()

@@ -1445,3 +1445,45 @@ def test_sys_exit_codes_follow_the_interpreter(code: Any, status: int) -> None:
         assert await actor.wait() == status
 
     run_actors(main)
+
+
+async def send_three(inbox: pactors.Inbox) -> None:
+    msg = await inbox.receive()
+    for i in range(3):
+        await msg["to"].send(i)
+
+
+def test_queued_messages_do_not_make_an_idle_receiver_spin() -> None:
+    """The event loop keeps watching an inbox between receives; messages that
+    wait while nobody receives must not wake it over and over."""
+
+    async def main() -> float:
+        inbox = pactors.current_inbox()
+        sender = await pactors.spawn_actor(send_three)
+        await sender.send({"to": inbox.address})
+        assert await inbox.receive() == 0  # waited: the inbox is watched now
+        await anyio.sleep(0.05)  # 1 and 2 are queued by now
+        cpu = time.process_time()
+        await anyio.sleep(0.5)
+        spent = time.process_time() - cpu
+        assert [await inbox.receive(), await inbox.receive()] == [1, 2]
+        await sender.wait()
+        return spent
+
+    assert run_actors(main) < 0.1, "the receiver's event loop spun while messages waited"
+
+
+def test_a_cancelled_receive_leaves_the_inbox_usable() -> None:
+    async def main() -> list[int]:
+        inbox = pactors.current_inbox()
+        sender = await pactors.spawn_actor(send_three_on_go)
+        await sender.send({"reply_to": inbox.address})
+        with anyio.move_on_after(0.05):
+            await inbox.receive()  # the sender waits for "go": times out
+            pytest.fail("received before go")
+        await sender.send("go")
+        got = [await inbox.receive() for _ in range(3)]
+        await sender.wait()
+        return got
+
+    assert run_actors(main) == [0, 1, 2]
