@@ -61,6 +61,8 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
     # branches by exact type in order of frequency, tag and length packed
     # together.
     out = bytearray()
+    ext = out.extend
+    tag_u32 = _TAG_U32.pack
     handles: list[Any] = []
     seen: set[int] = set()
 
@@ -68,11 +70,11 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
         t = type(value)
         if t is str:
             raw = value.encode("utf-8", "surrogatepass")
-            out.extend(_TAG_U32.pack(T_STR, len(raw)))
-            out.extend(raw)
+            ext(tag_u32(T_STR, len(raw)))
+            ext(raw)
         elif t is int:
             if _I64_MIN <= value <= _I64_MAX:
-                out.extend(_TAG_I64.pack(T_INT, value))
+                ext(_TAG_I64.pack(T_INT, value))
             else:
                 raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
                 if len(raw) > MAX_INT_BYTES:
@@ -85,14 +87,14 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
             if id(value) in seen:
                 raise MessageError("message contains a reference cycle")
             seen.add(id(value))
-            out.extend(_TAG_U32.pack(T_DICT, len(value)))
+            ext(tag_u32(T_DICT, len(value)))
             for key, item in value.items():
                 if type(key) is not str:
                     raise MessageError(
                         f"dict keys must be str, not {type(key).__name__} ({key!r:.40})")
                 raw = key.encode("utf-8", "surrogatepass")
-                out.extend(_U32.pack(len(raw)))
-                out.extend(raw)
+                ext(_U32.pack(len(raw)))
+                ext(raw)
                 put(item, depth + 1)
             seen.discard(id(value))
         elif value is None:

@@ -431,8 +431,10 @@ class Inbox:
 
 def decode_message(frame: _wire.Frame) -> Any:
     """Decodes a MSG frame, taking ownership of its descriptors."""
-    made: list[Fd | _ChannelRef] = []
     fds = frame.fds
+    if not fds:  # most messages: the codec never asks for a handle then
+        return _codec.decode(frame.payload, 0, _no_handles)
+    made: list[Fd | _ChannelRef] = []
 
     def make_handle(kind: str, index: int) -> Any:
         if kind == _codec.HANDLE_FD:
@@ -458,6 +460,10 @@ def decode_message(frame: _wire.Frame) -> Any:
         raise
     frame.fds = []
     return value
+
+
+def _no_handles(kind: str, index: int) -> Any:
+    raise AssertionError("the codec named a descriptor the frame does not carry")
 
 
 class _ChannelRef:
