@@ -7,7 +7,9 @@ are small JSON headers with descriptors. Because children are forked from its
 warm, frozen image, a spawn costs a fork, not an interpreter start.
 
 Duties:
-- fork children on request, reply with the pid and a pidfd;
+- fork children on request, reply with the pid and a pidfd; keep warm spares
+  (forked or cloned ahead of time, one per set of clone flags) to take the
+  next spawn of their kind;
 - reap every child and orphan (it is a child subreaper), and report each
   actor's exit status to its spawner;
 - when the spawner's connection closes, SIGKILL the children it did not
