@@ -81,6 +81,49 @@ def anyio_echo(sock):
     anyio.run(loop)
 
 
+class _Watched:
+    """A socket the running asyncio loop keeps watching: each wait is a future,
+    not an add_reader/remove_reader pair (as pactors' inboxes wait)."""
+
+    def __init__(self, sock):
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        self.waiter = None
+        self.loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def wait(self):
+        self.waiter = self.loop.create_future()
+        await self.waiter
+        self.waiter = None
+
+
+def asyncio_echo(sock):
+    import pickle
+
+    import anyio
+
+    async def loop():
+        watched = _Watched(sock)
+        while True:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                await watched.wait()
+                continue
+            msg = pickle.loads(data)
+            if msg is None:
+                return
+            sock.send(pickle.dumps(msg))
+
+    sock.setblocking(False)
+    anyio.run(loop)
+
+
 def idle(conn):
     conn.send("ready")
     conn.recv()
@@ -233,6 +276,45 @@ def anyio_round_trips(method, n, batches):
     return {"batch_seconds": times, "n": n}
 
 
+def asyncio_round_trips(method, n, batches):
+    """The floor for an asyncio program that keeps its socket watched between
+    waits: a future per wait + recv/send + pickle on both sides."""
+    import pickle
+    import socket
+
+    import anyio
+
+    ctx = multiprocessing.get_context(method)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = ctx.Process(target=asyncio_echo, args=(theirs,))
+    p.start()
+    theirs.close()
+    ours.setblocking(False)
+
+    async def main():
+        watched = _Watched(ours)
+        times = []
+        for b in range(batches + 1):
+            t0 = time.perf_counter()
+            for i in range(n):
+                ours.send(pickle.dumps({"seq": i, "op": "ping"}))
+                while True:
+                    try:
+                        data = ours.recv(65536)
+                        break
+                    except BlockingIOError:
+                        await watched.wait()
+                pickle.loads(data)
+            if b:
+                times.append(time.perf_counter() - t0)
+        ours.send(pickle.dumps(None))
+        return times
+
+    times = anyio.run(main)
+    p.join()
+    return {"batch_seconds": times, "n": n}
+
+
 def idle_memory(method):
     """smaps_rollup fields of an idle child blocked in Connection.recv()."""
     ctx = multiprocessing.get_context(method)
@@ -265,6 +347,8 @@ def main():
         result = fd_round_trips(method, int(rest[0]), int(rest[1]))
     elif what == "anyio-round-trips":
         result = anyio_round_trips(method, int(rest[0]), int(rest[1]))
+    elif what == "asyncio-round-trips":
+        result = asyncio_round_trips(method, int(rest[0]), int(rest[1]))
     elif what == "idle-memory":
         result = idle_memory(method)
     else:

@@ -109,6 +109,12 @@ def row(name: str, rate: float, ref: float) -> list[str]:
 
 
 HEADERS = ["what", "round trips/s", "us per round trip", "pactors / this"]
+WATCHED = "asyncio, socket kept watched + socketpair + pickle, both sides"
+FLOORS_NOTE = (
+    "The last two rows are not targets: they are floors for any runtime whose peers wait "
+    "on an asyncio event loop (no codec, no inbox, no lock), with anyio.wait_readable at "
+    "each wait, and with the socket kept registered in the loop between waits (as "
+    "pactors' inboxes are).\n")
 
 
 def run_pinned(n: int, batches: int, cpu: int) -> None:
@@ -116,6 +122,7 @@ def run_pinned(n: int, batches: int, cpu: int) -> None:
     mp_small = run_mp_peer("round-trips", "forkserver", n, batches)
     mp_fd = run_mp_peer("fd-round-trips", "forkserver", n, batches)
     floor = run_mp_peer("anyio-round-trips", "forkserver", n, batches)
+    watched = run_mp_peer("asyncio-round-trips", "forkserver", n, batches)
 
     p_small = per_second(n, ours["small"])
     p_pipe = per_second(n, ours["pipelined"])
@@ -131,10 +138,10 @@ def run_pinned(n: int, batches: int, cpu: int) -> None:
         row("pactors, small message", p_small, p_small),
         row("multiprocessing.Pipe + pickle", mp_pipe, p_small),
         row("anyio wait_readable + socketpair + pickle, both sides", anyio_floor, p_small),
+        row(WATCHED, per_second(n, watched["batch_seconds"]), p_small),
     ], title=f"Small-message round trips, one in flight, parent <-> one subprocess "
              f"(issue 2; {where}; median of {batches} batches of {n})")
-    print("The anyio row is not a target: it is the floor for any runtime that waits with "
-          "anyio on each message (no codec, no inbox, no lock).\n")
+    print(FLOORS_NOTE)
     print_table(HEADERS, [
         row(f"pactors, {WINDOW} in flight", p_pipe, p_pipe),
         row(f"multiprocessing.Pipe + pickle, {WINDOW} in flight", mp_pipelined, p_pipe),
@@ -159,12 +166,14 @@ def run_unpinned(n: int, batches: int) -> None:
     ours = bench_pactors(n, batches, kinds=("small",))
     mp_small = run_mp_peer("round-trips", "forkserver", n, batches)
     floor = run_mp_peer("anyio-round-trips", "forkserver", n, batches)
+    watched = run_mp_peer("asyncio-round-trips", "forkserver", n, batches)
     p_small = per_second(n, ours["small"])
     print_table(HEADERS, [
         row("pactors, small message", p_small, p_small),
         row("multiprocessing.Pipe + pickle", per_second(n, mp_small["batch_seconds"]), p_small),
         row("anyio wait_readable + socketpair + pickle, both sides",
             per_second(n, floor["batch_seconds"]), p_small),
+        row(WATCHED, per_second(n, watched["batch_seconds"]), p_small),
     ], title=f"Small-message round trips, one in flight, processes free to use every CPU "
              f"(median of {batches} batches of {n})")
     print("Unpinned ping-pong on this VM swings by up to 5x from run to run: when the peer's "
