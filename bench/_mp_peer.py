@@ -241,8 +241,10 @@ def fd_round_trips(method, n, batches):
     return out
 
 
-def anyio_round_trips(method, n, batches):
-    """The floor for an anyio program: wait_readable + recv/send + pickle on both sides."""
+def anyio_round_trips(method, n, batches, watched=False):
+    """The floor for an anyio program: recv/send + pickle on both sides, and a
+    wait for the socket: anyio.wait_readable, or with ``watched`` a future of a
+    loop that keeps the socket registered between waits."""
     import pickle
     import socket
 
@@ -250,49 +252,13 @@ def anyio_round_trips(method, n, batches):
 
     ctx = multiprocessing.get_context(method)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    p = ctx.Process(target=anyio_echo, args=(theirs,))
-    p.start()
-    theirs.close()
-    ours.setblocking(False)
-
-    async def batch():
-        for i in range(n):
-            ours.send(pickle.dumps({"seq": i, "op": "ping"}))
-            await anyio.wait_readable(ours)
-            pickle.loads(ours.recv(65536))
-
-    async def main():
-        times = []
-        for b in range(batches + 1):
-            t0 = time.perf_counter()
-            await batch()
-            if b:
-                times.append(time.perf_counter() - t0)
-        ours.send(pickle.dumps(None))
-        return times
-
-    times = anyio.run(main)
-    p.join()
-    return {"batch_seconds": times, "n": n}
-
-
-def asyncio_round_trips(method, n, batches):
-    """The floor for an asyncio program that keeps its socket watched between
-    waits: a future per wait + recv/send + pickle on both sides."""
-    import pickle
-    import socket
-
-    import anyio
-
-    ctx = multiprocessing.get_context(method)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    p = ctx.Process(target=asyncio_echo, args=(theirs,))
+    p = ctx.Process(target=asyncio_echo if watched else anyio_echo, args=(theirs,))
     p.start()
     theirs.close()
     ours.setblocking(False)
 
     async def main():
-        watched = _Watched(ours)
+        wait = _Watched(ours).wait if watched else lambda: anyio.wait_readable(ours)
         times = []
         for b in range(batches + 1):
             t0 = time.perf_counter()
@@ -303,7 +269,7 @@ def asyncio_round_trips(method, n, batches):
                         data = ours.recv(65536)
                         break
                     except BlockingIOError:
-                        await watched.wait()
+                        await wait()
                 pickle.loads(data)
             if b:
                 times.append(time.perf_counter() - t0)
@@ -348,7 +314,7 @@ def main():
     elif what == "anyio-round-trips":
         result = anyio_round_trips(method, int(rest[0]), int(rest[1]))
     elif what == "asyncio-round-trips":
-        result = asyncio_round_trips(method, int(rest[0]), int(rest[1]))
+        result = anyio_round_trips(method, int(rest[0]), int(rest[1]), watched=True)
     elif what == "idle-memory":
         result = idle_memory(method)
     else:

@@ -21,6 +21,7 @@ step 4: the init script may have pivot_root'ed into an empty tmpfs.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -30,7 +31,8 @@ import socket
 import struct
 import sys
 import traceback
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, ParamSpec
 
 import anyio
 import cloudpickle
@@ -98,6 +100,30 @@ def _alive(pidfd: int) -> bool:
     return not select.select([pidfd], [], [], 0)[0]
 
 
+_P = ParamSpec("_P")
+
+
+def _child_life(fn: Callable[_P, object]) -> Callable[_P, NoReturn]:
+    """Marks a forked child's whole life: it never returns into the
+    supervisor's code. An exception ends it with a traceback and status 1
+    (a bug: say so), Ctrl-C before the actor's loop with 128+SIGINT."""
+
+    @functools.wraps(fn)
+    def life(*args: _P.args, **kwargs: _P.kwargs) -> NoReturn:
+        try:
+            fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            os._exit(128 + signal.SIGINT)
+        except BaseException:
+            try:
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+        os._exit(1)
+
+    return life
+
+
 def _start(sup_pidfd: int, name: str) -> None:
     """First thing in every fork: die with the supervisor, and say what we are."""
     global _parent_pid
@@ -116,27 +142,21 @@ def _keep_gate(flags: int) -> None:
         os.close(_GATE_FD)
 
 
+@_child_life
 def bootstrap(sup_pidfd: int, inbox_fd: int, stdio: list[str], stdio_fds: list[int],
-              flags: int) -> NoReturn:
-    """Runs in the supervisor's fork, already in its new namespaces. Never returns."""
-    try:
-        _start(sup_pidfd, ACTOR_NAME)
-        os.dup2(sup_pidfd, _GATE_FD)
-        _setup_fds(inbox_fd, stdio, stdio_fds)
-        _linux.close_range(_GATE_FD + 1)
-        _keep_gate(flags)
-        _leave_supervisor_signals()  # a signal sent since the fork is delivered here
-        _run()
-    except KeyboardInterrupt:
-        os._exit(128 + signal.SIGINT)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+              flags: int) -> None:
+    """Runs in the supervisor's fork, already in its new namespaces."""
+    _start(sup_pidfd, ACTOR_NAME)
+    os.dup2(sup_pidfd, _GATE_FD)
+    _setup_fds(inbox_fd, stdio, stdio_fds)
+    _linux.close_range(_GATE_FD + 1)
+    _keep_gate(flags)
+    _leave_supervisor_signals()  # a signal sent since the fork is delivered here
+    _run()
 
 
-def ns_spare(ctrl_fd: int, sup_pidfd: int, flags: int) -> NoReturn:
+@_child_life
+def ns_spare(ctrl_fd: int, sup_pidfd: int, flags: int) -> None:
     """A warm spare for spawns into new namespaces, cloned into fresh ones
     ahead of time: the next spawn with the same flags costs neither the
     clone nor the steps of ``bootstrap`` before its init script.
@@ -144,30 +164,22 @@ def ns_spare(ctrl_fd: int, sup_pidfd: int, flags: int) -> NoReturn:
     Its namespaces are made when it is: the supervisor discards it if its
     mount table changes meanwhile (the hostname it copied is not watched).
     """
-    try:
-        _start(sup_pidfd, "pactors-spare")
-        os.dup2(ctrl_fd, _NS_SPARE_CTRL_FD)
-        os.dup2(sup_pidfd, _GATE_FD)
-        _linux.close_range(3, _NS_SPARE_CTRL_FD - 1)
-        _linux.close_range(_NS_SPARE_CTRL_FD + 1, _GATE_FD - 1)
-        _linux.close_range(_GATE_FD + 1)
-        _keep_gate(flags)
-        _leave_supervisor_signals()
-        ctrl = socket.socket(fileno=_NS_SPARE_CTRL_FD)
-        data, fds = _wire.recvmsg_fds(ctrl, 4096, 8)
-        ctrl.close()
-        if not data:  # the supervisor is done with us
-            os._exit(0)
-        prctl.set_name(ACTOR_NAME)
-        _setup_fds(*_order(data, fds))
-        _run()
-    except KeyboardInterrupt:
-        os._exit(128 + signal.SIGINT)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+    _start(sup_pidfd, "pactors-spare")
+    os.dup2(ctrl_fd, _NS_SPARE_CTRL_FD)
+    os.dup2(sup_pidfd, _GATE_FD)
+    _linux.close_range(3, _NS_SPARE_CTRL_FD - 1)
+    _linux.close_range(_NS_SPARE_CTRL_FD + 1, _GATE_FD - 1)
+    _linux.close_range(_GATE_FD + 1)
+    _keep_gate(flags)
+    _leave_supervisor_signals()
+    ctrl = socket.socket(fileno=_NS_SPARE_CTRL_FD)
+    data, fds = _wire.recvmsg_fds(ctrl, 4096, 8)
+    ctrl.close()
+    if not data:  # the supervisor is done with us
+        os._exit(0)
+    prctl.set_name(ACTOR_NAME)
+    _setup_fds(*_order(data, fds))
+    _run()
 
 
 _NS_SPARE_CTRL_FD = 100  # until the spawn it takes over arrives
@@ -184,33 +196,28 @@ def _order(data: bytes, fds: list[int]) -> tuple[int, list[str], list[int]]:
 _GATE_FD = 105  # the supervisor's pidfd: readable once the supervisor has died
 
 
-def spare(ctrl_fd: int, sup_pidfd: int) -> NoReturn:
+@_child_life
+def spare(ctrl_fd: int, sup_pidfd: int) -> None:
     """A warm spare: forked ahead of time, already running its event loop.
 
     The supervisor hands it the next plain spawn (no namespaces, no init
     script), which then costs neither a fork nor an event loop's start.
     """
+    _start(sup_pidfd, "pactors-spare")
+    # Keep stdio and the control socket (fd 4); hold fd 3 for the inbox so
+    # that the event loop's own descriptors land above it.
+    os.dup2(ctrl_fd, _SPARE_CTRL_FD)
+    _linux.close_range(_SPARE_CTRL_FD + 1)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    os.dup2(null, INBOX_FD)
+    os.close(null)
+    _leave_supervisor_signals()
+    status = anyio.run(_spare_main)
     try:
-        _start(sup_pidfd, "pactors-spare")
-        # Keep stdio and the control socket (fd 4); hold fd 3 for the inbox so
-        # that the event loop's own descriptors land above it.
-        os.dup2(ctrl_fd, _SPARE_CTRL_FD)
-        _linux.close_range(_SPARE_CTRL_FD + 1)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        os.dup2(null, INBOX_FD)
-        os.close(null)
-        _leave_supervisor_signals()
-        status = anyio.run(_spare_main)
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(status)
-    except BaseException:
-        try:
-            traceback.print_exc()
-        finally:
-            os._exit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
 
 
 _SPARE_CTRL_FD = 4
