@@ -9,6 +9,7 @@ when it ends unless detached.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import os
@@ -275,6 +276,10 @@ async def process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd
                 await runtime.aclose()
         return _exit_status(result)
     except BaseException as e:
+        if isinstance(_unwrap(e), asyncio.CancelledError):
+            # Cancelled from outside: asyncio's runner does that on SIGINT,
+            # and turns it into the KeyboardInterrupt run_process_actor reports.
+            raise
         return _error_status(e, report)
 
 
