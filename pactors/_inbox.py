@@ -139,6 +139,19 @@ class Channel:
         the channel was closed or the inbox is gone.
         """
         data, handles = _codec.encode(msg, _classify)
+        if not handles and not self._lock.locked():
+            # One frame and nobody else sending on this channel: no lock needed
+            # unless the socket is full, when the lock keeps the waiters in order.
+            sock = self._socket()
+            try:
+                _wire.send_frame_nowait(sock, _wire.MSG, data)
+                return
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if _wire.is_disconnect(e):
+                    self._on_disconnect()
+                raise
         async with self._lock:
             sock = self._socket()
             fds: list[int] = []

@@ -115,6 +115,16 @@ def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearr
             os.close(memfd)
 
 
+def send_frame_nowait(sock: socket.socket, kind: int, payload: bytes | bytearray) -> None:
+    """Sends one frame without descriptors; BlockingIOError when the socket is full."""
+    data, fds, memfd = _pack(kind, payload, [])
+    try:
+        _sendmsg(sock, data, fds)
+    finally:
+        if memfd is not None:
+            os.close(memfd)
+
+
 async def send_frame(sock: socket.socket, kind: int, payload: bytes | bytearray,
                      fds: list[int] = []) -> None:  # noqa: B006 - never mutated
     """Sends one frame, waiting while the socket is full."""

@@ -1487,3 +1487,35 @@ def test_a_cancelled_receive_leaves_the_inbox_usable() -> None:
         return got
 
     assert run_actors(main) == [0, 1, 2]
+
+
+async def collect(inbox: pactors.Inbox) -> None:
+    """Sleeps (so its senders fill the socket), then reports every message."""
+    first = await inbox.receive()
+    await anyio.sleep(0.3)
+    got = [await inbox.receive() for _ in range(first["expect"])]
+    await first["reply_to"].send(got)
+
+
+def test_concurrent_senders_on_a_full_channel_keep_their_order() -> None:
+    """Tasks sharing one channel while its socket is full all get through,
+    each in its own order (the lock queues them; no task fails to wait)."""
+    tasks, per_task = 4, 300
+
+    async def main() -> list[list[int]]:
+        inbox = pactors.current_inbox()
+        actor = await pactors.spawn_actor(collect, subprocess=QUIET)
+        await actor.send({"reply_to": inbox.address, "expect": tasks * per_task})
+
+        async def sender(t: int) -> None:
+            for i in range(per_task):
+                await actor.send([t, i, "x" * 2000])
+
+        async with anyio.create_task_group() as tg:
+            for t in range(tasks):
+                tg.start_soon(sender, t)
+        got = await inbox.receive()
+        assert await actor.wait() == 0
+        return [[i for t2, i, _ in got if t2 == t] for t in range(tasks)]
+
+    assert run_actors(main) == [list(range(per_task))] * tasks
