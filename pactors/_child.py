@@ -50,7 +50,7 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
                      signal.SIGUSR2)
 
 
-def _reset_signals() -> None:
+def _default_dispositions() -> None:
     """Gives every signal the disposition a fresh interpreter gives it."""
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
@@ -66,8 +66,6 @@ def _reset_signals() -> None:
                 signal.signal(sig, wanted)
         except (OSError, ValueError):
             pass
-    signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 # Sent by a terminal to its whole process group.
@@ -81,16 +79,17 @@ def enter_supervisor_signals(wake_w: int) -> None:
     connection closes. Blocked, not ignored: a child inherits the mask, so
     a signal sent to it before ``_leave_supervisor_signals`` waits instead
     of being lost."""
-    _reset_signals()
+    signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_BLOCKED)  # from the start
+    _default_dispositions()
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_BLOCKED)
+    signal.pthread_sigmask(signal.SIG_SETMASK, SUPERVISOR_BLOCKED)  # and only these
 
 
 def _leave_supervisor_signals() -> None:
     """Undoes ``enter_supervisor_signals`` in a child, which then has a fresh
     interpreter's signal dispositions and an empty mask; cheaper than
-    ``_reset_signals`` in every child."""
+    ``_default_dispositions`` in every child."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
