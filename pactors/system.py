@@ -157,6 +157,14 @@ def spawn(program: str, arguments: Sequence[str], *,
     prog = os.fsencode(program)
     cwd = os.fsencode(working_directory) if working_directory is not None else None
     group_list = list(groups) if groups is not None else None
+    # Refused here, the same way on both paths below.
+    for what, values in (("program", [prog]), ("arguments", argv),
+                         ("environment", [*env, *env.values()]),
+                         ("working_directory", [cwd] if cwd is not None else [])):
+        if any(b"\0" in v for v in values):
+            raise ValueError(f"system.spawn: {what} must not contain NUL characters")
+    if any(not k or b"=" in k for k in env):
+        raise ValueError("system.spawn: environment names must be non-empty, without '='")
 
     if not nsenter and uid is None and gid is None and groups is None and pdeathsig is None \
             and _signals_at_default():

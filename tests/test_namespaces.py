@@ -373,6 +373,23 @@ def test_system_spawn_errors_are_raised_with_errno() -> None:
     assert info.value.errno == errno.ENOENT and "chdir" in str(info.value)
 
 
+@pytest.mark.parametrize("kwargs, what", [
+    ({"program": "tr\0ue"}, "program"),
+    ({"arguments": ["true", "a\0b"]}, "arguments"),
+    ({"environment": {"A": "b\0c"}}, "environment"),
+    ({"environment": {"A=B": "c"}}, "environment names"),
+    ({"working_directory": "/tmp\0x"}, "working_directory"),
+])
+@pytest.mark.parametrize("pdeathsig", [None, signal.SIGTERM], ids=["vfork", "fork"])
+def test_system_spawn_refuses_nul_the_same_way_on_both_paths(
+        kwargs: dict[str, Any], what: str, pdeathsig: int | None) -> None:
+    args: dict[str, Any] = {"program": "true", "arguments": ["true"],
+                            "environment": PATH_ENV, **kwargs}
+    with pytest.raises(ValueError, match=f"system.spawn: {what}"):
+        pactors.system.spawn(args.pop("program"), args.pop("arguments"), pdeathsig=pdeathsig,
+                             **args)
+
+
 def test_system_spawn_exit_codes_kill_and_credentials(tmp_path: Any) -> None:
     async def main() -> None:
         p = pactors.system.spawn("sh", ["sh", "-c", "exit 7"], environment=PATH_ENV)
