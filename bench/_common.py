@@ -87,6 +87,27 @@ def measure(name: str, fn: Callable[[], Any], runs: int, warmup: int = 5,
     return Stats(name, samples)
 
 
+def measure_round_robin(cases: dict[str, Callable[[], Any]], runs: int, warmup: int = 5,
+                        budget_s: float | None = None) -> dict[str, Stats]:
+    """Times every case once per round, ``runs`` rounds after ``warmup``: a
+    machine whose speed drifts during the run slows every case alike, so the
+    ratios between them hold. ``budget_s`` stops early (10 rounds at least)."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    start = time.perf_counter()
+    gc.collect()
+    for i in range(runs):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        if budget_s is not None and i + 1 >= 10 and time.perf_counter() - start > budget_s:
+            break
+    return {name: Stats(name, s) for name, s in samples.items()}
+
+
 async def ameasure(name: str, fn: Callable[[], Awaitable[Any]], runs: int, warmup: int = 5,
                    budget_s: float | None = None) -> Stats:
     """``measure`` for an async callable."""

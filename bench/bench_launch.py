@@ -39,7 +39,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import Stats, machine, measure, ms, print_table, ratio, target
+from _common import Stats, machine, measure, measure_round_robin, ms, print_table, ratio, target
 
 PY = sys.executable
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--proc", "/proc", "--dev", "/dev",
@@ -118,16 +118,18 @@ def main() -> None:
     print(f"Machine: {machine()}\n", flush=True)
     daemon = Daemon()
     try:
-        packxd = measure("packxd client, terminal mode, /bin/true",
-                         lambda: daemon.client("term"), args.runs, budget_s=20)
+        # Round robin: the VM's speed drifts by 10-20 % within a minute.
+        names = ["packxd client, terminal mode, /bin/true",
+                 "client alone: python -m packxd.client --help",
+                 " ".join(FIREJAIL), "bwrap --unshare-all ... /bin/true"]
+        stats = measure_round_robin({
+            names[0]: lambda: daemon.client("term"),
+            names[1]: lambda: run_command([PY, "-m", "packxd.client", "--help"]),
+            names[2]: lambda: run_command(FIREJAIL),
+            names[3]: lambda: run_command(BWRAP),
+        }, args.runs, budget_s=45)
+        packxd, client_start, firejail, bwrap = (stats[name] for name in names)
         setup = Stats("daemon: request to app started", daemon.setup_times()[-packxd.n:])
-        client_start = measure("client alone: python -m packxd.client --help",
-                               lambda: run_command([PY, "-m", "packxd.client", "--help"]),
-                               args.runs, budget_s=10)
-        firejail = measure(" ".join(FIREJAIL), lambda: run_command(FIREJAIL), args.runs,
-                           budget_s=15)
-        bwrap = measure("bwrap --unshare-all ... /bin/true", lambda: run_command(BWRAP),
-                        args.runs, budget_s=10)
         rows: list[list[Any]] = [
             [s.name, s.n, ms(s.median, 1), ms(s.p90, 1), ratio(packxd.median, s.median)]
             for s in (packxd, setup, client_start, firejail, bwrap)]

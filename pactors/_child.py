@@ -415,6 +415,10 @@ def _pid1() -> None:
         return
     actor = pid
     os.close(INBOX_FD)  # the actor alone holds the inbox, so it sees EOF alone
+    # Nor does PID 1 keep the stdio it never uses: a pipe given as the
+    # actor's stdout reaches EOF once the actor and its programs are done
+    # with it, not only once the namespace is torn down.
+    _linux.close_range(0, 2)
     prctl.set_name("pactors-init")
     signal.pthread_sigmask(signal.SIG_SETMASK, old)
     for sig in pending:

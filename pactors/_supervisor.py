@@ -166,10 +166,11 @@ class _Supervisor:
         self.children: dict[int, _Child] = {}  # keyed by the pid we reap
         self.pidfd = os.pidfd_open(os.getpid())
         # Warm spares by clone flags: (pid, control socket), made after the
-        # first spawn with those flags and after each use.
+        # second spawn with those flags and after each use.
         self.spares: dict[int, tuple[int, socket.socket]] = {}
         self.watching_mounts = False
         self.wanted: list[int] = []  # flags of the spares to make
+        self.used: set[int] = set()  # flags spawned with so far
 
     def serve_one(self) -> bool:
         """Handles one request; returns False when the spawner is gone."""
@@ -257,7 +258,11 @@ class _Supervisor:
         finally:
             os.close(pidfd)
         if key is not None and key not in self.spares:
-            self.wanted.append(key)  # made once the request's descriptors are closed
+            # Flags used once may never come again (a container worker makes
+            # one container): spares only for flags used twice.
+            if key in self.used:
+                self.wanted.append(key)  # made once the request's descriptors are closed
+            self.used.add(key)
 
     def refill(self) -> None:
         """Makes the spares spawns used up, with none of a request's

@@ -749,6 +749,28 @@ def test_killing_the_container_ends_the_client(daemon: Daemon, test_user: User,
     wait_for(lambda: not pids_running(app.argv), 10, "the app's process to go")
 
 
+def test_only_the_app_holds_the_callers_stdio(daemon: Daemon, test_user: User,
+                                              sleeping: Callable[[str, str], SleepingApp]
+                                              ) -> None:
+    """Neither PID 1 nor the guest actor keeps the client's stdout: a pipe
+    reading the app's output ends with the app, not with the container."""
+    app = sleeping("stdio", "p")
+    (entry,) = [a for a in listed_apps(daemon, test_user) if a["app"] == "stdio"]
+    pid1 = int(entry["pid"])
+    (guest,) = children(pid1)
+
+    def links(pid: int) -> dict[int, str]:
+        fd_dir = f"/proc/{pid}/fd"
+        return {int(fd): os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
+
+    assert app.client.stdout is not None
+    pipe = f"pipe:[{os.fstat(app.client.stdout.fileno()).st_ino}]"
+    assert links(app.pid)[1] == pipe, "the app writes to the client's stdout"
+    assert pipe not in links(pid1).values()
+    assert pipe not in links(guest).values()
+    assert links(guest)[1] == "/dev/null"
+
+
 # -- list and stop ----------------------------------------------------------------
 
 

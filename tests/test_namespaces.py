@@ -562,23 +562,38 @@ async def _finish(actors: list[pactors.Actor]) -> None:
         assert await actor.wait() == 0
 
 
+def _spare_pids() -> set[int]:
+    pids = set()
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/comm") as f:
+                if f.read().strip() == "pactors-spare":
+                    pids.add(int(name))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
 def test_every_namespace_spawn_gets_fresh_namespaces() -> None:
     """After the first spawn, spawns with the same flags are served by a spare
     cloned ahead of time: each must still get namespaces of its own."""
     spec = pactors.Subprocess(newns_user=True, newns_mount=True, newns_net=True,
                               stdout="share", stderr="share")
 
-    async def main() -> list[dict[str, int]]:
-        actors, reports = [], []
+    async def main() -> tuple[list[dict[str, int]], list[bool]]:
+        actors, reports, warm = [], [], []
         for _ in range(4):
+            spares = _spare_pids()
             actor, report = await _report(spec)
             actors.append(actor)
             reports.append(report["ns"])
+            warm.append(actor.child_pid in spares)
             await anyio.sleep(0.05)  # let the supervisor make the next spare
         await _finish(actors)
-        return reports
+        return reports, warm
 
-    reports = pactors.run(main)
+    reports, warm = pactors.run(main)
+    assert warm == [False, False, True, True], "spares are made after a second spawn"
     host = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("net", "mnt", "user")}
     for name in host:
         seen = [r[name] for r in reports]
@@ -598,8 +613,9 @@ def test_a_mount_made_after_the_spare_is_seen(tmp_path: Any) -> None:
         spec = pactors.Subprocess(newns_mount=True, stdout="share", stderr="share")
 
         async def main() -> tuple[list[str], list[str]]:
-            first, before = await _report(spec, f"{base}/sub")
-            await _finish([first])
+            for _ in range(2):  # a spare is made after the second spawn with these flags
+                first, before = await _report(spec, f"{base}/sub")
+                await _finish([first])
             await anyio.sleep(0.2)  # the spare for these flags exists by now
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", f"{base}/sub"],
                            check=True)
@@ -632,7 +648,7 @@ def test_actors_start_with_default_signals(ns: dict[str, bool]) -> None:
     async def main() -> list[dict[str, int]]:
         inbox = pactors.current_inbox()
         reports = []
-        for _ in range(2):  # forked, then (a spare made meanwhile) warm
+        for _ in range(3):  # forked twice, then by a spare made meanwhile
             actor = await pactors.spawn_actor(report_signals, subprocess=spec)
             await actor.send({"reply_to": inbox.address})
             reports.append(await inbox.receive())
@@ -649,4 +665,27 @@ def test_actors_start_with_default_signals(ns: dict[str, bool]) -> None:
         for sig, handler in old.items():
             signal.signal(sig, handler)
     fresh = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
-    assert reports == [{"SigIgn": fresh, "SigBlk": 0}] * 2
+    assert reports == [{"SigIgn": fresh, "SigBlk": 0}] * 3
+
+
+def test_pid1_keeps_no_stdio() -> None:
+    """PID 1 only reaps: a pipe given as stdout reaches EOF when the actor
+    and its programs close it, not when the namespace is torn down."""
+    r, w = os.pipe()
+    spec = pactors.Subprocess(newns_pid=True, newns_mount=True, stdin=None, stdout=w,
+                              stderr=w)
+
+    async def main() -> dict[int, str]:
+        actor, _ = await _report(spec)
+        assert actor.child_pid is not None
+        fd_dir = f"/proc/{actor.child_pid}/fd"  # the host's view of PID 1
+        links = {int(fd): os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
+        await _finish([actor])
+        return links
+
+    try:
+        links = pactors.run(main)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert not {0, 1, 2} & set(links), links

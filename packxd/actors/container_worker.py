@@ -42,31 +42,38 @@ async def main(inbox: pactors.Inbox) -> int:
 
 
 async def _run(msg: dict[str, Any], reply_to: pactors.Channel) -> int:
+    ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
+    # The client's own descriptors: closing ours may be the last close, so it
+    # happens off the event loop, once the reply is on its way.
+    client_fds: list[int] = [fd.detach() for fd in msg["stdio"] or ()]
     stdio: tuple[Any, Any, Any] = (
         # xpra mode: nothing of the daemon's (its log, or root's terminal)
         # reaches the container; the app's display is its only channel.
-        tuple(msg["stdio"]) if msg["stdio"] is not None else (None, None, None))
-    ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
+        (client_fds[0], client_fds[1], client_fds[2]) if msg["stdio"] is not None
+        else (None, None, None))
     try:
-        container = await launcher.start_container(
-            ops, user=msg["user"], caller_uid=msg["uid"], caller_gid=msg["gid"],
-            environment=msg["environment"], stdio=stdio, newns_net=msg["newns_net"])
-    except launcher.LaunchError as e:
-        await reply_to.send({"error": str(e)})
-        return 1
-    finally:
-        launcher.close_op_fds(ops)
-        # The client's own descriptors: closing ours may be the last close.
-        await launcher.close_untrusted([fd.detach() for fd in msg["stdio"] or ()])
-    try:
-        await reply_to.send({"container": container.address, "pid": container.child_pid})
         try:
-            status = await container.wait()
-        except pactors.PactorsError as e:
-            await reply_to.send({"exit": 1, "error": str(e)})
+            container = await launcher.start_container(
+                ops, user=msg["user"], caller_uid=msg["uid"], caller_gid=msg["gid"],
+                environment=msg["environment"], stdio=stdio, newns_net=msg["newns_net"])
+        except launcher.LaunchError as e:
+            await reply_to.send({"error": str(e)})
             return 1
-        await reply_to.send({"exit": status})
-        return 0
+        finally:
+            launcher.close_op_fds(ops)
+        try:
+            await reply_to.send({"container": container.address, "pid": container.child_pid})
+            await launcher.close_untrusted(client_fds)
+            client_fds = []
+            try:
+                status = await container.wait()
+            except pactors.PactorsError as e:
+                await reply_to.send({"exit": 1, "error": str(e)})
+                return 1
+            await reply_to.send({"exit": status})
+            return 0
+        finally:
+            container.kill()
+            container.close()
     finally:
-        container.kill()
-        container.close()
+        await launcher.close_untrusted(client_fds)

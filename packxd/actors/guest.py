@@ -75,6 +75,8 @@ async def main(inbox: pactors.Inbox) -> int:
         await events.send({"event": "error",
                            "error": f"cannot run {start['app_bin']}: {e.strerror}"})
         return 127
+    if display != "xpra":
+        _give_up_terminal()
     await events.send({"event": "started"})
 
     async with anyio.create_task_group() as tg:
@@ -86,6 +88,16 @@ async def main(inbox: pactors.Inbox) -> int:
     # Tell the daemon now: the container's teardown still takes a while.
     await events.send({"event": "exit", "status": status})
     return status
+
+
+def _give_up_terminal() -> None:
+    """The app has the caller's stdio now. Ours would keep it open until the
+    container is torn down: a caller reading the app's output through a pipe
+    (``... | cat``) would wait for that, not for the app."""
+    null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 async def _serve_requests(inbox: pactors.Inbox, proc: system.Process) -> None:

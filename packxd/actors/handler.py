@@ -241,16 +241,19 @@ async def _dispatch(daemon: Daemon, caller: Caller, sock: socket.socket,
         daemon.running[key] = launch
         stdio = [os.dup(fd) for fd in fds] if display == "none" else []
         try:
-            reply, control = await tg.start(_run_launch, daemon, launch, guest, args, stdio)
-        except LaunchError as e:
-            daemon.running.pop(key, None)
-            raise protocol.ProtocolError(str(e)) from None
+            try:
+                reply, control = await tg.start(_run_launch, daemon, launch, guest, args,
+                                                stdio)
+            except LaunchError as e:
+                daemon.running.pop(key, None)
+                raise protocol.ProtocolError(str(e)) from None
+            try:
+                await _send(sock, reply, [control.fileno()])
+            finally:
+                control.close()
         finally:
+            # After the reply: a close off the loop costs a thread's round trip.
             await close_untrusted(stdio)
-        try:
-            await _send(sock, reply, [control.fileno()])
-        finally:
-            control.close()
 
 
 async def _run_launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, Any],
