@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 
 def show(value: object, limit: int = 80) -> str:
     """``value`` as one short ASCII line of JSON."""
+    import json  # here: the client imports this module before it needs json
+
     try:
         s = json.dumps(value, ensure_ascii=True)
     except (TypeError, ValueError):

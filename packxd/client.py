@@ -118,6 +118,7 @@ def _call(
 ) -> tuple[dict[str, Any], list[int]]:
     """Send *request*, wait for the reply. A signal meanwhile raises _Interrupted."""
     protocol.send_packet(sock, request, fds)
+    protocol.prepare_replies()  # while the daemon works
     if signals is not None:
         with selectors.DefaultSelector() as sel:
             sel.register(sock, selectors.EVENT_READ)

@@ -141,6 +141,15 @@ def test_client_imports_only_the_standard_library() -> None:
     assert lazy == []
 
 
+def test_client_sends_its_request_before_importing_json() -> None:
+    """json (with re) costs 3 ms: the client imports it while the daemon works,
+    so reaching the daemon must not need it; nor does a failed connection."""
+    code = ("import sys, packxd.client as c; c.main(['--socket', '/nonexistent', "
+            "'g', 'a', 'p', '/bin/true'])")
+    mods = imported_modules(code) - imported_modules("pass")
+    assert not {"json", "re"} & mods
+
+
 # -- command line -------------------------------------------------------------
 
 

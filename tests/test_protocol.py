@@ -356,3 +356,25 @@ def test_too_many_fds_is_an_error(
     assert open_fds() == before
     for fd in mine:
         os.close(fd)
+
+
+def test_requests_are_written_as_json_dumps_writes_them() -> None:
+    """The client writes requests without the json module (it sends before
+    importing it); the bytes must be json.dumps's, for every string."""
+    import random
+
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in range(0x80)] + ["\u00e9", "\u2028", "\U0001f600", "\ufeff"]
+    for _ in range(2000):
+        args = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+                for _ in range(rng.randrange(4))]
+        args = [a.replace("\0", "") for a in args]
+        arguments = {"guest_name": "g", "app_name": "a.b", "profile": "p-1", "app_bin": "/x",
+                     "args": args, "display": rng.choice(["xpra", "none"])}
+        data = protocol.encode_request("spawn_linux_app", arguments)
+        assert data == json.dumps({"request": "spawn_linux_app", "arguments": arguments},
+                                  ensure_ascii=True, separators=(",", ":")).encode()
+        assert parse_request(data).arguments["args"] == args
+    for name, arguments in (("list", {}), ("stop", {"app_name": "a", "profile": "p"})):
+        assert protocol.encode_request(name, arguments) == json.dumps(
+            {"request": name, "arguments": arguments}, separators=(",", ":")).encode()
