@@ -29,3 +29,12 @@ def kind(value: object) -> str:
     if value is None:
         return "null"
     return type(value).__name__
+
+
+def printable(raw: bytes, limit: int) -> str:
+    """Bytes from a less trusted process as one line for our log: decoded
+    leniently, every unprintable character (escape sequences, NUL, the
+    line separators) shown as "?", at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else "?"
+                   for c in raw.decode("utf-8", "replace")[:limit + 1])
+    return text if len(text) <= limit else text[:limit - 3] + "..."

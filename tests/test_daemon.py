@@ -908,3 +908,39 @@ def test_a_client_descriptor_that_blocks_on_close_does_not_stall_the_daemon(
     finally:
         sticky.close()
         listener.close()  # the peer's reset ends the lingering close in the daemon
+
+
+def test_container_output_reaches_the_log_printable_and_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """xpra's output (and the app's, through xpra) is less trusted: the log
+    gets it one sanitized line at a time, and only so much of it."""
+    import anyio
+
+    from packxd.actors import handler
+
+    logged: list[str] = []
+    monkeypatch.setattr(handler, "log", logged.append)
+    r, w = os.pipe()
+    lines = [b"plain", b"\x1b[31mred\x1b[0m and a\x00nul", "caf\u00e9".encode(), b"\xff\xfe bad",
+             b"x" * 5000]
+    lines += [b"line %d" % i for i in range(handler.MAX_OUTPUT_LINES + 50)]
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handler._log_output, "g/a/p", r)
+            # Written in pieces that split lines: the log still gets whole lines.
+            data = b"\n".join(lines) + b"\nno newline at the end"
+            for i in range(0, len(data), 777):
+                await anyio.to_thread.run_sync(os.write, w, data[i:i + 777])
+            os.close(w)
+
+    try:
+        anyio.run(main)
+    finally:
+        os.close(r)
+    assert logged[:4] == ["g/a/p: plain", "g/a/p: ?[31mred?[0m and a?nul", "g/a/p: caf\u00e9",
+                          "g/a/p: \ufffd\ufffd bad"]
+    assert len(logged[4]) == len("g/a/p: ") + handler.MAX_OUTPUT_LINE
+    assert logged[4].endswith("...")
+    assert len(logged) == handler.MAX_OUTPUT_LINES + 1
+    assert logged[-1] == "g/a/p: (further output dropped)"

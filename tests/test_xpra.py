@@ -101,5 +101,9 @@ def test_xterm_through_xpra_is_forwarded_and_painted(daemon: Daemon, test_user: 
              "the container's xpra to exit")
     wait_for(lambda: not find_window(xvfb, title), 10, "the forwarded window to close")
     assert not os.path.exists(f"{rundir}/packxd/xterm/e2e{attempt}")
+    # xpra's own output went to the daemon's log, each line marked with the launch.
+    prefix = f"packxd: gui/xterm/e2e{attempt}: "
+    xpra_lines = [line for line in daemon.read_log().splitlines() if line.startswith(prefix)]
+    assert any("xpra" in line.lower() for line in xpra_lines), xpra_lines[:5]
     if not had_rundir:  # the daemon made it, as logind would, and removed it after
         wait_for(lambda: not os.path.exists(rundir), 10, f"{rundir} to be removed")

@@ -11,7 +11,7 @@ new network namespace with only ``lo`` up.
 Request::
 
     {"ops": [[bytes, Fd | None], ...], "uid": int, "gid": int, "user": int,
-     "environment": {str: str}, "stdio": [Fd, Fd, Fd] | None, "newns_net": bool,
+     "environment": {str: str}, "stdio": [Fd, Fd, Fd], "newns_net": bool,
      "reply_to": <address>}
 
 Replies: ``{"container": <address>, "pid": int}`` once the setup is queued
@@ -43,14 +43,11 @@ async def main(inbox: pactors.Inbox) -> int:
 
 async def _run(msg: dict[str, Any], reply_to: pactors.Channel) -> int:
     ops = [(data, fd.detach() if fd is not None else None) for data, fd in msg["ops"]]
-    # The client's own descriptors: closing ours may be the last close, so it
-    # happens off the event loop, once the reply is on its way.
-    client_fds: list[int] = [fd.detach() for fd in msg["stdio"] or ()]
-    stdio: tuple[Any, Any, Any] = (
-        # xpra mode: nothing of the daemon's (its log, or root's terminal)
-        # reaches the container; the app's display is its only channel.
-        (client_fds[0], client_fds[1], client_fds[2]) if msg["stdio"] is not None
-        else (None, None, None))
+    # The container's stdio: the client's own descriptors (terminal mode), or
+    # the daemon's output pipe (xpra). Closing ours may be the last close of
+    # a client's descriptor, so it happens off the loop once the reply is sent.
+    client_fds: list[int] = [fd.detach() for fd in msg["stdio"]]
+    stdio: tuple[Any, Any, Any] = (client_fds[0], client_fds[1], client_fds[2])
     try:
         try:
             container = await launcher.start_container(

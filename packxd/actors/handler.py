@@ -25,6 +25,7 @@ import anyio.abc
 import pactors
 
 from .. import container, launcher, network, protocol, safepath
+from .._text import printable
 from ..config import Config, Guest, Veth
 from ..launcher import LaunchError, close_untrusted
 from . import userrundir
@@ -34,6 +35,10 @@ START_TIMEOUT = 60.0
 MAX_CONNECTIONS = 1024
 MAX_CONNECTIONS_PER_UID = 64
 STOP_WATCHDOG = 15.0  # after a stop request: the guest gives SIGKILL at 10 s
+# xpra's output (and the app's, which xpra passes on) in our log, per launch:
+MAX_OUTPUT_LINES = 200
+MAX_OUTPUT_LINE = 300  # characters
+OUTPUT_GRACE = 2.0  # seconds to read what is left once the container is gone
 REFUSED_LINGER = 5.0  # how long a refused client has to send its request
 
 
@@ -294,6 +299,7 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
     runtime_dir = userrundir.runtime_dir(run_uid, launch.app, launch.profile)
     started_at = time.monotonic()
     events = pactors.Inbox()  # the worker's reports and the guest's events
+    output: int | None = None  # xpra's stdout and stderr, for our log
     try:
         with ExitStack() as stack:
             home = launcher.open_home(stack, daemon.state_dir, caller.uid, run_uid, run_gid,
@@ -314,6 +320,14 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             netns_fd = await _guest_netns(daemon, stack, guest)
             # With a guest netns, the worker is a process of its own that joins
             # it first; otherwise it is an actor of this process.
+            if xpra:
+                # Nothing of the daemon's (its log, or root's terminal) reaches
+                # the container: xpra writes to a pipe we read.
+                output, output_w = os.pipe2(os.O_CLOEXEC)
+                stack.callback(os.close, output_w)
+                null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                stack.callback(os.close, null)
+                stdio = [null, output_w, output_w]
             launch.worker = await pactors.spawn_actor(
                 "packxd.actors.container_worker",
                 subprocess=pactors.Subprocess(
@@ -326,7 +340,7 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                 "uid": run_uid, "gid": run_gid, "user": guest.user,
                 "environment": container.session_environment(
                     guest, display=XPRA_DISPLAY if xpra else None),
-                "stdio": [pactors.Fd(fd) for fd in stdio] if not xpra else None,
+                "stdio": [pactors.Fd(fd) for fd in stdio],
                 "newns_net": netns_fd is None, "reply_to": events.address})
         reply = await _receive(events, launch.worker)
         if "container" not in reply:
@@ -348,10 +362,18 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                                                 "runtime_dir": runtime_dir}), theirs))
         with ours:
             ours.setblocking(False)
-            status = await _supervise(launch, events, ours)
+            async with anyio.create_task_group() as tg:
+                if output is not None:
+                    tg.start_soon(_log_output, f"{guest.name}/{launch.app}/{launch.profile}",
+                                  output)
+                status = await _supervise(launch, events, ours)
+                # Its writers are gone with the container: what is left, then EOF.
+                tg.cancel_scope.deadline = anyio.current_time() + OUTPUT_GRACE
             log(f"{guest.name}/{launch.app}/{launch.profile} of uid {caller.uid} exited "
                 f"with status {status}")
     finally:
+        if output is not None:
+            os.close(output)
         # Killing the worker kills the container with it (parent-death signals).
         if launch.worker is not None:
             launch.worker.kill()
@@ -486,6 +508,36 @@ async def _supervise(launch: Launch, events: pactors.Inbox, control: socket.sock
     if app_status is None:
         await _notify(control, protocol.exit_event(status))
     return app_status if app_status is not None else status
+
+
+async def _log_output(name: str, fd: int) -> None:
+    """Copies what the container writes to ``fd`` into our log, line by line:
+    made printable, cut at MAX_OUTPUT_LINE characters and MAX_OUTPUT_LINES
+    lines (the rest is read and dropped, so the writer never stalls)."""
+    os.set_blocking(fd, False)
+    pending = b""
+    lines = 0
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                await anyio.wait_readable(fd)
+                continue
+            *complete, pending = (pending + chunk).split(b"\n") if chunk else [pending, b""]
+            if len(pending) > 4 * MAX_OUTPUT_LINE:  # no newline in sight
+                complete.append(pending)
+                pending = b""
+            for raw in complete:
+                lines += 1
+                if lines <= MAX_OUTPUT_LINES:
+                    log(f"{name}: {printable(raw, MAX_OUTPUT_LINE)}")
+                elif lines == MAX_OUTPUT_LINES + 1:
+                    log(f"{name}: (further output dropped)")
+            if not chunk:
+                return
+    finally:
+        anyio.notify_closing(fd)
 
 
 def _status(value: object) -> int:
