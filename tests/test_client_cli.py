@@ -157,7 +157,8 @@ def test_client_sends_its_request_before_importing_json() -> None:
     "args",
     [[], ["web"], ["web", "app", "profile"], ["list", "extra"], ["stop", "app"],
      ["--display", "x11", "g", "a", "p", "b"], ["--display", "none", "list"],
-     ["list", "--", "x"], ["--bogus", "g", "a", "p", "b"]],
+     ["list", "--", "x"], ["--bogus", "g", "a", "p", "b"], ["g", "a", "p", "b", "--socket"],
+     ["--socket", "/x", "--socket=/y", "list"], ["--display=x11", "g", "a", "p", "b"]],
 )
 def test_usage_errors(args: list[str]) -> None:
     p = run_client(*args)
@@ -538,6 +539,21 @@ def test_list_empty(sockpath: str) -> None:
     peer.join()
     assert p.returncode == 0
     assert p.stdout == "GUEST  APP  PROFILE  DISPLAY  PID\n"
+
+
+def test_options_take_their_value_with_an_equals_sign_or_after_the_words(
+        sockpath: str) -> None:
+    def handler(peer: Peer, conn: socket.socket) -> None:
+        data, _ = protocol.recv_packet(conn, 3)
+        peer.notes["request"] = protocol.parse_request(data)
+        protocol.send_packet(conn, protocol.ok_reply())
+
+    peer = Peer(sockpath, handler)
+    p = run_client("stop", "firefox", f"--socket={sockpath}", "work")
+    peer.join()
+    assert p.returncode == 0, p.stderr
+    assert peer.notes["request"] == protocol.Request(
+        "stop", {"app_name": "firefox", "profile": "work"})
 
 
 def test_stop(sockpath: str) -> None:
