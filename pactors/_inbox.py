@@ -38,7 +38,9 @@ class Fd:
     sender keeps its own copy. A received ``Fd`` is close-on-exec and owned by
     the receiver: use it as an int (``os.write(msg["fd"], ...)``), and call
     ``close()``, or ``detach()`` to take the raw descriptor. An owned ``Fd``
-    that is garbage-collected is closed.
+    that is garbage-collected is closed on a thread of pactors', not on the
+    event loop: closing a peer's descriptor can block as long as the peer
+    likes (``close()`` closes at once: the caller decides).
     """
 
     __slots__ = ("_fd", "_owned")
@@ -86,10 +88,8 @@ class Fd:
 
     def __del__(self) -> None:
         if self._owned and self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+            # Received from a peer: its close may block (see close_later).
+            _wire.close_later([self._fd])
 
     def __repr__(self) -> str:
         state = "owned" if self._owned else "borrowed"
@@ -284,10 +284,10 @@ class Inbox:
                 raise MessageError("new sender is not a socket")
             sock = socket.socket(fileno=fd)
         except BaseException:
-            os.close(fd)
+            _wire.close_later([fd])
             raise
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
-            sock.close()
+            _wire.close_later([sock.detach()])
             raise MessageError("new sender is not a UNIX seqpacket socket")
         self._add_source(sock)
 

@@ -52,7 +52,11 @@ def start() -> tuple[socket.socket, int]:
 
     The caller must have no other thread: fork would copy it half-way.
     """
-    if threading.active_count() > 1:
+    # pactors' own closer thread may run (see _wire.close_later): it holds
+    # nothing the child needs, and the child never uses it.
+    others = [t for t in threading.enumerate()
+              if t is not threading.main_thread() and t.name != _wire.CLOSER_THREAD]
+    if others:
         raise RuntimeError(
             "pactors cannot fork its supervisor: this process already runs threads. "
             "Call pactors.run() at program start, and spawn subprocess actors from an "

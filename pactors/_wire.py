@@ -19,6 +19,7 @@ import os
 import select
 import socket
 import struct
+import threading
 
 import anyio
 
@@ -56,7 +57,7 @@ class Frame:
         self.fds = fds
 
     def close_fds(self) -> None:
-        close_all(self.fds)
+        close_later(self.fds)
         self.fds = []
 
 
@@ -66,6 +67,43 @@ def close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+CLOSER_THREAD = "pactors-closer"
+_closer_lock = threading.Lock()
+_to_close: list[int] = []  # what the closer thread has yet to close
+_closer_pid = 0  # the process whose closer thread runs now, or 0
+
+
+def close_later(fds: list[int]) -> None:
+    """Closes descriptors that a peer sent, on a thread of ours.
+
+    Closing one can block for as long as its sender likes (a TCP socket with
+    SO_LINGER and unsent data, a file on a FUSE mount that never answers),
+    so never on the event loop. The thread ends once nothing is left to
+    close: a process that has nothing to close runs no thread.
+    """
+    global _closer_pid
+    if not fds:
+        return
+    with _closer_lock:
+        _to_close.extend(fds)
+        if _closer_pid == os.getpid():
+            return
+        _closer_pid = os.getpid()  # after a fork, the parent's thread is not ours
+    threading.Thread(target=_close_pending, name=CLOSER_THREAD, daemon=True).start()
+
+
+def _close_pending() -> None:
+    global _closer_pid
+    while True:
+        with _closer_lock:
+            fds = list(_to_close)
+            _to_close.clear()
+            if not fds:
+                _closer_pid = 0
+                return
+        close_all(fds)
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
@@ -217,7 +255,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
             try:
                 payload = _unspill(memfd, length)
             finally:
-                os.close(memfd)
+                close_later([memfd])  # the peer's: not necessarily a memfd
         elif fflags:
             raise MessageError("unknown frame flags")
         else:
@@ -226,7 +264,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
             raise MessageError(f"frame carries more than {MAX_FDS} descriptors")
         return Frame(kind, payload, fds)
     except BaseException:
-        close_all(fds)
+        close_later(fds)
         raise
 
 

@@ -184,6 +184,9 @@ def run_python(code: str, *args: str, timeout: float = 30,
 
 @pytest.fixture(autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
+    for thread in threading.enumerate():  # pactors' closer ends when it has closed all
+        if thread.name == _wire.CLOSER_THREAD:
+            thread.join(10)
     assert threading.active_count() == 1, "pactors.run needs a process without threads"
     before = open_fds()
     children_before = set(children_of(os.getpid()))  # session fixtures' processes
@@ -1519,3 +1522,84 @@ def test_concurrent_senders_on_a_full_channel_keep_their_order() -> None:
         return [[i for t2, i, _ in got if t2 == t] for t in range(tasks)]
 
     assert run_actors(main) == [list(range(per_task))] * tasks
+
+
+async def send_lingering_socket(inbox: pactors.Inbox) -> None:
+    """Sends a TCP socket whose close blocks for 5 s (SO_LINGER, unsent data,
+    a loopback peer that does not read), then waits for "go"."""
+    msg = await inbox.receive()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            client.send(b"x" * 65536)
+    await msg["reply_to"].send({"fd": pactors.Fd(client)})
+    os.close(client.detach())  # the receiver holds the socket now
+    assert await inbox.receive() == "go"
+    server.close()  # resets the connection: the receiver's close returns
+
+
+def test_a_dropped_peer_descriptor_is_closed_off_the_event_loop() -> None:
+    """Closing a descriptor a peer sent can block (here 5 s): a received Fd
+    that is dropped must not stall the receiver's event loop."""
+
+    async def main() -> float:
+        inbox = pactors.current_inbox()
+        sender = await pactors.spawn_actor(send_lingering_socket, subprocess=QUIET)
+        await sender.send({"reply_to": inbox.address})
+        msg = await inbox.receive()
+        started = time.monotonic()
+        del msg  # its Fd is garbage now
+        await anyio.sleep(0.1)
+        stalled = time.monotonic() - started
+        await sender.send("go")
+        assert await sender.wait() == 0
+        deadline = time.monotonic() + 10
+        while _closer_busy() and time.monotonic() < deadline:
+            await anyio.sleep(0.05)
+        return stalled
+
+    assert run_actors(main) < 2, "the event loop waited for a peer's descriptor to close"
+
+
+def _closer_busy() -> bool:
+    """Whether pactors' closer still holds a TCP socket of this process."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if not link.startswith("socket:"):
+            continue
+        inode = link[len("socket:["):-1]
+        with open("/proc/self/net/tcp") as f:
+            if any(line.split()[9] == inode for line in f.readlines()[1:]):
+                return True
+    return False
+
+
+def test_the_supervisor_forks_while_the_closer_is_busy() -> None:
+    """pactors' closer thread may be stuck in a peer's close: the supervisor
+    is forked all the same (the thread holds nothing the child needs)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
+    client.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            client.send(b"x" * 65536)
+    _wire.close_later([client.detach()])  # blocks the closer for 5 s
+    try:
+        assert any(t.name == _wire.CLOSER_THREAD for t in threading.enumerate())
+
+        async def main() -> int:
+            actor = await pactors.spawn_actor(returns_at_once, subprocess=QUIET)
+            return await actor.wait()
+
+        assert run_actors(main) == 0
+    finally:
+        server.close()  # resets the connection: the closer's close returns
