@@ -766,9 +766,10 @@ def test_only_the_app_holds_the_callers_stdio(daemon: Daemon, test_user: User,
     assert app.client.stdout is not None
     pipe = f"pipe:[{os.fstat(app.client.stdout.fileno()).st_ino}]"
     assert links(app.pid)[1] == pipe, "the app writes to the client's stdout"
-    assert pipe not in links(pid1).values()
+    # Both let go right after starting their child: give them that moment.
+    wait_for(lambda: pipe not in links(pid1).values(), 5, "PID 1 to close its stdio")
+    wait_for(lambda: links(guest)[1] == "/dev/null", 5, "the guest to let go of stdout")
     assert pipe not in links(guest).values()
-    assert links(guest)[1] == "/dev/null"
 
 
 # -- list and stop ----------------------------------------------------------------

@@ -593,7 +593,9 @@ def test_every_namespace_spawn_gets_fresh_namespaces() -> None:
         return reports, warm
 
     reports, warm = pactors.run(main)
-    assert warm == [False, False, True, True], "spares are made after a second spawn"
+    # A spare is made after the second spawn; a mount elsewhere on the host
+    # meanwhile would discard it, so the fourth spawn gets the next one.
+    assert warm[:2] == [False, False] and any(warm[2:]), warm
     host = {name: os.stat(f"/proc/self/ns/{name}").st_ino for name in ("net", "mnt", "user")}
     for name in host:
         seen = [r[name] for r in reports]
@@ -675,17 +677,20 @@ def test_pid1_keeps_no_stdio() -> None:
     spec = pactors.Subprocess(newns_pid=True, newns_mount=True, stdin=None, stdout=w,
                               stderr=w)
 
-    async def main() -> dict[int, str]:
+    async def main() -> set[int]:
         actor, _ = await _report(spec)
         assert actor.child_pid is not None
         fd_dir = f"/proc/{actor.child_pid}/fd"  # the host's view of PID 1
-        links = {int(fd): os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)}
+        deadline = time.monotonic() + 5  # it closes them right after its fork
+        while {0, 1, 2} & (fds := {int(fd) for fd in os.listdir(fd_dir)}) \
+                and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
         await _finish([actor])
-        return links
+        return fds
 
     try:
-        links = pactors.run(main)
+        fds = pactors.run(main)
     finally:
         os.close(r)
         os.close(w)
-    assert not {0, 1, 2} & set(links), links
+    assert not {0, 1, 2} & fds, fds
