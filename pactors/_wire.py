@@ -70,7 +70,7 @@ def close_all(fds: list[int]) -> None:
 
 
 CLOSER_THREAD = "pactors-closer"
-_closer_lock = threading.Lock()
+_closer = threading.Condition(threading.Lock())
 _to_close: list[int] = []  # what the closer thread has yet to close
 _closer_pid = 0  # the process whose closer thread runs now, or 0
 
@@ -86,7 +86,7 @@ def close_later(fds: list[int]) -> None:
     global _closer_pid
     if not fds:
         return
-    with _closer_lock:
+    with _closer:
         _to_close.extend(fds)
         if _closer_pid == os.getpid():
             return
@@ -97,13 +97,21 @@ def close_later(fds: list[int]) -> None:
 def _close_pending() -> None:
     global _closer_pid
     while True:
-        with _closer_lock:
+        with _closer:
             fds = list(_to_close)
             _to_close.clear()
             if not fds:
                 _closer_pid = 0
+                _closer.notify_all()
                 return
         close_all(fds)
+
+
+def wait_closed(timeout: float | None = None) -> bool:
+    """Waits until every descriptor given to ``close_later`` is closed;
+    False if ``timeout`` (seconds) ran out first."""
+    with _closer:
+        return _closer.wait_for(lambda: _closer_pid != os.getpid(), timeout)
 
 
 def seqpacket_pair() -> tuple[socket.socket, socket.socket]:

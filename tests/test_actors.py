@@ -137,6 +137,8 @@ def vmrss_kib(pid: int) -> int:
 
 
 def open_fds() -> dict[int, str]:
+    # A peer's descriptors that pactors dropped are closed on its closer thread.
+    assert _wire.wait_closed(10), "pactors' closer is stuck"
     fds: dict[int, str] = {}
     for name in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):  # the descriptor listdir itself used
@@ -184,7 +186,8 @@ def run_python(code: str, *args: str, timeout: float = 30,
 
 @pytest.fixture(autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
-    for thread in threading.enumerate():  # pactors' closer ends when it has closed all
+    _wire.wait_closed(10)  # pactors' closer ends once it has closed all
+    for thread in threading.enumerate():
         if thread.name == _wire.CLOSER_THREAD:
             thread.join(10)
     assert threading.active_count() == 1, "pactors.run needs a process without threads"
