@@ -49,8 +49,11 @@ cat > "$work/packxd.json" <<JSON
 }
 JSON
 
+# The daemon's whole log goes to packxd-demo.log; the terminal gets its own
+# lines, not the container's xpra output it logs.
 "$VENV/bin/python" -m packxd.daemon --config "$work/packxd.json" \
-    --socket "$work/packxd.socket" --state-dir "$work/state" &
+    --socket "$work/packxd.socket" --state-dir "$work/state" \
+    2> >(tee "$here/packxd-demo.log" | grep --line-buffered -v '^packxd: host/xterm/demo: ' >&2) &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/packxd.socket" ] && break; sleep 0.1; done
 
@@ -86,4 +89,4 @@ else
     echo "demo: close the xterm to finish" >&2
     wait "$client" || true
 fi
-echo "demo: done" >&2
+echo "demo: done; the daemon's log is in $here/packxd-demo.log" >&2
