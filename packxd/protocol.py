@@ -250,10 +250,8 @@ def _dumps(value: object) -> str:
     with the standard library's own string escaper."""
     if isinstance(value, str):
         return _escape(value)
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, int):
-        return int.__repr__(value)
+    if value is None:  # "display": None
+        return "null"
     if isinstance(value, list):
         return "[" + ",".join(_dumps(item) for item in value) + "]"
     if isinstance(value, dict):

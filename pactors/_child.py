@@ -44,6 +44,7 @@ from .subprocess_init import InitScriptFailure, run_init_script
 
 INBOX_FD = 3
 ACTOR_NAME = "pactors-actor"  # the supervisor's own name would mislead ps
+SPARE_NAME = "pactors-spare"
 
 # Signals PID 1 forwards to the actor (Emilua's set).
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
@@ -163,7 +164,7 @@ def ns_spare(ctrl_fd: int, sup_pidfd: int, flags: int) -> None:
     Its namespaces are made when it is: the supervisor discards it if its
     mount table changes meanwhile (the hostname it copied is not watched).
     """
-    _start(sup_pidfd, "pactors-spare")
+    _start(sup_pidfd, SPARE_NAME)
     os.dup2(ctrl_fd, _NS_SPARE_CTRL_FD)
     os.dup2(sup_pidfd, _GATE_FD)
     _linux.close_range(3, _NS_SPARE_CTRL_FD - 1)
@@ -202,7 +203,7 @@ def spare(ctrl_fd: int, sup_pidfd: int) -> None:
     The supervisor hands it the next plain spawn (no namespaces, no init
     script), which then costs neither a fork nor an event loop's start.
     """
-    _start(sup_pidfd, "pactors-spare")
+    _start(sup_pidfd, SPARE_NAME)
     # Keep stdio and the control socket (fd 4); hold fd 3 for the inbox so
     # that the event loop's own descriptors land above it.
     os.dup2(ctrl_fd, _SPARE_CTRL_FD)

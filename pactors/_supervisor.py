@@ -173,7 +173,7 @@ class _Supervisor:
         # second spawn with those flags and after each use.
         self.spares: dict[int, tuple[int, socket.socket]] = {}
         self.watching_mounts = False
-        self.wanted: list[int] = []  # flags of the spares to make
+        self.wanted: set[int] = set()  # flags of the spares to make
         self.used: set[int] = set()  # flags spawned with so far
 
     def serve_one(self) -> bool:
@@ -265,16 +265,15 @@ class _Supervisor:
             # Flags used once may never come again (a container worker makes
             # one container): spares only for flags used twice.
             if key in self.used:
-                self.wanted.append(key)  # made once the request's descriptors are closed
+                self.wanted.add(key)  # made once the request's descriptors are closed
             self.used.add(key)
 
     def refill(self) -> None:
         """Makes the spares spawns used up, with none of a request's
         descriptors open: a spare must not keep an inbox alive."""
-        while self.wanted:
-            key = self.wanted.pop()
-            if key not in self.spares and self.connected:
-                self._make_spare(key)
+        for key in self.wanted - self.spares.keys() if self.connected else ():
+            self._make_spare(key)
+        self.wanted.clear()
 
     def _hand_to_spare(self, key: int, fds: list[int], stdio: list[str]) -> int:
         """Gives a spawn to the warm spare made for its flags; returns its pid, or 0."""

@@ -262,8 +262,10 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
             memfd = fds.pop(0)
             try:
                 payload = _unspill(memfd, length)
-            finally:
-                close_later([memfd])  # the peer's: not necessarily a memfd
+            except BaseException:
+                close_later([memfd])  # the peer's, and not necessarily a memfd
+                raise
+            os.close(memfd)  # a sealed memfd, checked: its close cannot block
         elif fflags:
             raise MessageError("unknown frame flags")
         else:

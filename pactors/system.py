@@ -193,10 +193,16 @@ def spawn(program: str, arguments: Sequence[str], *,
         stage, err = _ERR.unpack(report.ljust(_ERR.size, b"\0"))
         os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
         proc._close()
-        what = _STAGES[stage] if 0 <= stage < len(_STAGES) else "child setup"
-        name = program if stage == len(_STAGES) - 1 else what
-        raise OSError(err, f"{os.strerror(err)} ({what} for {program!r})", name)
+        raise _failed(err, _STAGES[stage] if 0 <= stage < len(_STAGES) else "child setup",
+                      program)
     return proc
+
+
+def _failed(err: int, what: str, program: str) -> OSError:
+    """The error of a failed start: errno, the step that failed, and as its
+    filename the program when execve failed, else the step."""
+    return OSError(err, f"{os.strerror(err)} ({what} for {program!r})",
+                   program if what == "execve" else what)
 
 
 # subprocess resets these two itself (``restore_signals``); exec resets handlers.
@@ -224,8 +230,7 @@ def _vfork_spawn(program: str, prog: bytes, argv: list[bytes], env: dict[bytes, 
             start_new_session=new_session, close_fds=True, restore_signals=True)
     except OSError as e:
         what = "chdir" if cwd is not None and e.filename == cwd else "execve"
-        name = program if what == "execve" else what
-        raise OSError(e.errno, f"{e.strerror} ({what} for {program!r})", name) from None
+        raise _failed(e.errno or errno.EIO, what, program) from None
     # We reap through the pidfd. A returncode keeps Popen from ever waiting
     # for this pid itself (its __del__ would queue a running child for that).
     popen.returncode = 0

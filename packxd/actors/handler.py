@@ -320,6 +320,7 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
             netns_fd = await _guest_netns(daemon, stack, guest)
             # With a guest netns, the worker is a process of its own that joins
             # it first; otherwise it is an actor of this process.
+            container_stdio = stdio  # terminal mode: the client's own
             if xpra:
                 # Nothing of the daemon's (its log, or root's terminal) reaches
                 # the container: xpra writes to a pipe we read.
@@ -327,7 +328,7 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                 stack.callback(os.close, output_w)
                 null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
                 stack.callback(os.close, null)
-                stdio = [null, output_w, output_w]
+                container_stdio = [null, output_w, output_w]
             launch.worker = await pactors.spawn_actor(
                 "packxd.actors.container_worker",
                 subprocess=pactors.Subprocess(
@@ -340,7 +341,7 @@ async def _launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[str, 
                 "uid": run_uid, "gid": run_gid, "user": guest.user,
                 "environment": container.session_environment(
                     guest, display=XPRA_DISPLAY if xpra else None),
-                "stdio": [pactors.Fd(fd) for fd in stdio],
+                "stdio": [pactors.Fd(fd) for fd in container_stdio],
                 "newns_net": netns_fd is None, "reply_to": events.address})
         reply = await _receive(events, launch.worker)
         if "container" not in reply:
@@ -524,7 +525,10 @@ async def _log_output(name: str, fd: int) -> None:
             except BlockingIOError:
                 await anyio.wait_readable(fd)
                 continue
-            *complete, pending = (pending + chunk).split(b"\n") if chunk else [pending, b""]
+            if chunk:
+                *complete, pending = (pending + chunk).split(b"\n")
+            else:  # end of file: what is left is the last line, if any
+                complete, pending = [pending] if pending else [], b""
             if len(pending) > 4 * MAX_OUTPUT_LINE:  # no newline in sight
                 complete.append(pending)
                 pending = b""
