@@ -185,3 +185,14 @@ def xvfb() -> Iterator[str]:
     yield display
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def is_spare(pid: int) -> bool:
+    """Whether ``pid`` is a warm spare of a pactors supervisor (not an actor)."""
+    from pactors._child import SPARE_NAME
+
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == SPARE_NAME
+    except OSError:
+        return False

@@ -38,6 +38,7 @@ from typing import Any
 import anyio
 import prctl
 import pytest
+from conftest import is_spare
 
 import pactors
 from pactors import _codec, _wire
@@ -77,14 +78,6 @@ def children_of(ppid: int) -> dict[int, str]:
             if fields is not None and int(fields[1]) == ppid and not is_spare(int(name)):
                 found[int(name)] = fields[0]
     return found
-
-
-def is_spare(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip() == "pactors-spare"
-    except OSError:
-        return False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

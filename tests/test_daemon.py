@@ -29,6 +29,7 @@ from conftest import (
     Daemon,
     User,
     guest,
+    is_spare,
     make_config,
     public_tempdir,
     start_daemon,
@@ -128,15 +129,7 @@ def daemon_processes(daemon: Daemon, *, spares: bool = False) -> set[int]:
             continue
         seen.add(pid)
         todo.extend(children(pid))
-    return seen if spares else {pid for pid in seen if comm(pid) != "pactors-spare"}
-
-
-def comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    return seen if spares else {pid for pid in seen if not is_spare(pid)}
 
 
 def fd_count(pid: int) -> int:
@@ -945,3 +938,24 @@ def test_container_output_reaches_the_log_printable_and_bounded(
     assert logged[4].endswith("...")
     assert len(logged) == handler.MAX_OUTPUT_LINES + 1
     assert logged[-1] == "g/a/p: (further output dropped)"
+
+
+@pytest.mark.parametrize("data, lines", [
+    (b"a\nb\n", ["a", "b"]), (b"a\nlast", ["a", "last"]), (b"", []), (b"\n", [""]),
+])
+def test_container_output_lines_end_where_the_output_does(
+        monkeypatch: pytest.MonkeyPatch, data: bytes, lines: list[str]) -> None:
+    import anyio
+
+    from packxd.actors import handler
+
+    logged: list[str] = []
+    monkeypatch.setattr(handler, "log", logged.append)
+    r, w = os.pipe()
+    os.write(w, data)
+    os.close(w)
+    try:
+        anyio.run(handler._log_output, "g", r)
+    finally:
+        os.close(r)
+    assert logged == [f"g: {line}" for line in lines]

@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import is_spare
 from seed_container import SEED_INIT_SCRIPT, SEED_ROOT
 
 import pactors
@@ -410,10 +411,15 @@ def test_system_spawn_exit_codes_kill_and_credentials(tmp_path: Any) -> None:
 
 
 @pytest.mark.parametrize("ignore_usr1", [False, True])
-def test_system_spawn_gives_the_program_a_clean_start(tmp_path: Any, ignore_usr1: bool) -> None:
-    """Default signal dispositions, an empty mask, only stdio open: on the
-    vfork path (nothing but stdio and a directory asked for) and on the
+def test_system_spawn_gives_the_program_a_clean_start(
+        tmp_path: Any, ignore_usr1: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default signal dispositions, an empty mask, only stdio open, the
+    directory, umask and session asked for: on the vfork path and on the
     fork path (taken here when the caller ignores a signal)."""
+    vforked: list[bool] = []
+    real = pactors.system._vfork_spawn
+    monkeypatch.setattr(pactors.system, "_vfork_spawn",
+                        lambda *a: vforked.append(True) or real(*a))
     out = tmp_path / "out"
     r, w = os.pipe()
     os.set_inheritable(w, True)  # a descriptor that exec alone would not close
@@ -421,9 +427,11 @@ def test_system_spawn_gives_the_program_a_clean_start(tmp_path: Any, ignore_usr1
     try:
         async def main() -> int:
             with open(out, "w") as f:
-                script = "ls /proc/self/fd; grep -E '^Sig(Ign|Blk)' /proc/self/status; pwd"
+                script = ("ls /proc/self/fd; grep -E '^Sig(Ign|Blk)' /proc/self/status; pwd; "
+                          "umask; echo $$; cut -d' ' -f6 /proc/$$/stat")
                 p = pactors.system.spawn("sh", ["sh", "-c", script], environment=PATH_ENV,
-                                         stdout=f, working_directory=str(tmp_path))
+                                         stdout=f, working_directory=str(tmp_path),
+                                         umask=0o027, start_new_session=True)
                 return await p.wait()
 
         assert pactors.run(main) == 0
@@ -431,12 +439,15 @@ def test_system_spawn_gives_the_program_a_clean_start(tmp_path: Any, ignore_usr1
         signal.signal(signal.SIGUSR1, old)
         os.close(r)
         os.close(w)
+    assert vforked == ([] if ignore_usr1 else [True])
     lines = out.read_text().split("\n")
     # sh itself opens one descriptor to list them (3); nothing else is open.
     assert lines[:4] == ["0", "1", "2", "3"]
     assert "SigIgn:\t0000000000000000" in lines
     assert "SigBlk:\t0000000000000000" in lines
-    assert str(tmp_path) in lines
+    pid, sid = lines[-3:-1]
+    assert lines[-5:-3] == [str(tmp_path), "0027"]
+    assert sid == pid  # a session of its own
 
 
 def test_system_spawn_pdeathsig() -> None:
@@ -563,15 +574,7 @@ async def _finish(actors: list[pactors.Actor]) -> None:
 
 
 def _spare_pids() -> set[int]:
-    pids = set()
-    for name in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{name}/comm") as f:
-                if f.read().strip() == "pactors-spare":
-                    pids.add(int(name))
-        except (OSError, ValueError):
-            pass
-    return pids
+    return {int(name) for name in os.listdir("/proc") if name.isdigit() and is_spare(int(name))}
 
 
 def test_every_namespace_spawn_gets_fresh_namespaces() -> None:
@@ -694,3 +697,51 @@ def test_pid1_keeps_no_stdio() -> None:
         os.close(r)
         os.close(w)
     assert not {0, 1, 2} & fds, fds
+
+
+def test_spares_are_bounded_and_a_dead_one_is_replaced_by_a_fork() -> None:
+    """At most MAX_SPARES sets of flags keep a spare (the oldest goes), and a
+    spawn whose spare has died forks as usual."""
+    from pactors._supervisor import MAX_SPARES
+
+    flag_sets = [{"newns_uts": True}, {"newns_ipc": True}, {"newns_uts": True, "newns_ipc": True},
+                 {"newns_net": True}, {"newns_mount": True}, {"newns_net": True, "newns_uts": True}]
+    assert len(flag_sets) > MAX_SPARES
+
+    async def main() -> tuple[int, list[bool]]:
+        sup = pactors._runtime._context().runtime.supervisor().pid
+        for ns in flag_sets:
+            for _ in range(2):  # a spare is made after the second spawn
+                actor, _ = await _report(pactors.Subprocess(stdout="share", **ns))
+                await _finish([actor])
+            await anyio.sleep(0.05)
+        spares = {pid for pid in _spare_pids() if _ppid(pid) == sup}
+        for pid in spares:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_state(pid) not in (None, "Z") for pid in spares) \
+                and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
+        warm = []
+        for ns in flag_sets[-2:]:  # their spares are dead: the spawns fork
+            actor, _ = await _report(pactors.Subprocess(stdout="share", **ns))
+            warm.append(actor.child_pid in spares)
+            await _finish([actor])
+        return len(spares), warm
+
+    count, warm = pactors.run(main)
+    assert count == MAX_SPARES
+    assert warm == [False, False]
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
