@@ -16,7 +16,7 @@ packages=(
     python3 python3-venv python3-dev gcc libcap-dev   # venv; python-prctl builds against libcap
     iproute2 nftables procps util-linux               # ip, nft, ps, unshare for tests
     bubblewrap firejail                               # peers measured by bench/
-    xpra xvfb xterm python3-gi-cairo x11-apps x11-utils xdotool imagemagick  # display, demo, e2e
+    xpra python3-pil xvfb xterm python3-gi-cairo x11-apps x11-utils xdotool imagemagick  # display, demo, e2e (xpra takes no client without PIL)
 )
 missing=()
 for p in "${packages[@]}"; do
