@@ -212,7 +212,9 @@ def spare(ctrl_fd: int, sup_pidfd: int) -> None:
     os.dup2(null, INBOX_FD)
     os.close(null)
     _leave_supervisor_signals()
-    status = anyio.run(_spare_main)
+    from . import _runtime
+
+    status = _runtime.run_actor_loop(_spare_main)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -139,10 +139,10 @@ class Channel:
         the channel was closed or the inbox is gone.
         """
         data, handles = _codec.encode(msg, _classify)
-        if not handles and not self._lock.locked():
+        sock = self._sock
+        if not handles and sock is not None and not self._lock.locked():
             # One frame and nobody else sending on this channel: no lock needed
             # unless the socket is full, when the lock keeps the waiters in order.
-            sock = self._socket()
             try:
                 _wire.send_frame_nowait(sock, _wire.MSG, data)
                 return
@@ -322,25 +322,52 @@ class Inbox:
         if self._receiving:
             raise RuntimeError("another task is already receiving on this inbox")
         self._receiving = True
+        ready = self._ready
+        buf = self._buffer
         try:
             while True:
-                if self._epoll is None:
-                    raise ChannelClosed("the inbox is closed")
-                if not self._ready:
-                    for fd, _ in self._epoll.poll(0):
-                        self._ready.append(fd)
-                if not self._ready:
-                    if not self._sources:
-                        raise NoSenders(
-                            "no senders left for this inbox: send its address to "
-                            "somebody before receiving on it")
-                    await self._wait_readable(self._epoll)
-                    continue
-                fd = self._ready.popleft()
+                if not ready:
+                    ep = self._epoll
+                    if ep is None:
+                        raise ChannelClosed("the inbox is closed")
+                    events = ep.poll(0)
+                    if not events:
+                        if not self._sources:
+                            raise NoSenders(
+                                "no senders left for this inbox: send its address to "
+                                "somebody before receiving on it")
+                        await self._wait_readable(ep)
+                        if len(self._sources) == 1:
+                            # Woken for the only source there is: no need to ask
+                            # epoll which (a spurious wake reads EAGAIN and polls).
+                            ready.extend(self._sources)
+                        continue
+                    fd = events[0][0]
+                    if len(events) > 1:
+                        ready.extend([fd for fd, _ in events[1:]])
+                else:
+                    fd = ready.popleft()
                 sock = self._sources.get(fd)
                 if sock is None:
                     continue
-                found, msg = self._read_one(fd, sock)
+                try:
+                    received = _wire.recv_nowait(sock, buf)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    self.dropped += 1
+                    self._drop_source(fd)
+                    continue
+                nbytes, ancdata, flags = received
+                if (nbytes >= _wire.HEADER_SIZE and not ancdata and not flags & _wire.TRUNCATED
+                        and buf[0] == _wire.MSG and not buf[1]):
+                    try:  # most messages: no descriptors, decode in place
+                        return _codec.decode(buf[_wire.HEADER_SIZE:nbytes], 0, _no_handles)
+                    except MessageError:
+                        self.dropped += 1
+                        self._drop_source(fd)
+                        continue
+                found, msg = self._read_frame(fd, received)
                 if found:
                     return msg
         finally:
@@ -380,12 +407,11 @@ class Inbox:
         if loop is not None and self._epoll is not None and not loop.is_closed():
             loop.remove_reader(self._epoll.fileno())
 
-    def _read_one(self, fd: int, sock: socket.socket) -> tuple[bool, Any]:
+    def _read_frame(self, fd: int, received: tuple[int, list[Any], int]) -> tuple[bool, Any]:
+        """Handles any frame but a plain message: (True, message) or (False, None)."""
         try:
-            frame = _wire.recv_frame_nowait(sock, self._buffer)
-        except BlockingIOError:
-            return False, None
-        except (OSError, MessageError):
+            frame = _wire.parse(self._buffer, *received)
+        except MessageError:
             self.dropped += 1
             self._drop_source(fd)
             return False, None

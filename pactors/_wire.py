@@ -20,6 +20,7 @@ import select
 import socket
 import struct
 import threading
+from typing import Any
 
 import anyio
 
@@ -37,6 +38,9 @@ _F_SPILL = 1
 
 INLINE_MAX = 64 * 1024
 _HEADER = struct.Struct("<BB")
+HEADER_SIZE = _HEADER.size
+_HEADERS = {kind: _HEADER.pack(kind, 0) for kind in (MSG, NEW_SOURCE, BODY, INIT_ERROR,
+                                                      ACTOR_ERROR)}
 _SPILL = struct.Struct("<BBQ")
 _REQUIRED_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 _RECV_BUFSIZE = _SPILL.size + INLINE_MAX
@@ -45,7 +49,7 @@ _ANCBUFSIZE = socket.CMSG_SPACE((MAX_FDS + 1) * 4)
 # a microsecond a time on every message.
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class Frame:
@@ -161,8 +165,11 @@ def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearr
             os.close(memfd)
 
 
-def send_frame_nowait(sock: socket.socket, kind: int, payload: bytes | bytearray) -> None:
+def send_frame_nowait(sock: socket.socket, kind: int, payload: bytes) -> None:
     """Sends one frame without descriptors; BlockingIOError when the socket is full."""
+    if len(payload) <= INLINE_MAX:  # most messages: one send, no list of buffers
+        sock.send(_HEADERS[kind] + payload, _SEND_FLAGS)
+        return
     data, fds, memfd = _pack(kind, payload, [])
     try:
         _sendmsg(sock, data, fds)
@@ -228,27 +235,31 @@ def receive_buffer() -> bytearray:
     return bytearray(_RECV_BUFSIZE)
 
 
-def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Frame | None:
-    """Receives one frame without blocking.
+def recv_nowait(sock: socket.socket, buf: bytearray) -> tuple[int, list[Any], int]:
+    """One recvmsg into ``buf``: the byte count, the ancillary data and the flags.
 
-    Returns None at end of stream. Raises BlockingIOError when no frame is
-    queued, and MessageError when the frame is malformed, truncated or
-    carries too many descriptors; its descriptors are closed then.
+    Raises BlockingIOError when no frame is queued. ``parse`` makes a frame
+    of what it returns (the inbox reads plain messages without it).
     """
-    if buf is None:
-        buf = receive_buffer()
     while True:
         try:
-            nbytes, ancdata, flags, _ = sock.recvmsg_into(
-                [buf], _ANCBUFSIZE, _RECV_FLAGS)
-            break
+            nbytes, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCBUFSIZE, _RECV_FLAGS)
+            return nbytes, ancdata, flags
         except ConnectionResetError:
             # The peer closed with our messages unread. Linux reports that
             # once, ahead of what the peer had queued for us: read on.
             continue
+
+
+def parse(buf: bytearray, nbytes: int, ancdata: list[Any], flags: int) -> Frame | None:
+    """The frame in what ``recv_nowait`` returned; None at end of stream.
+
+    Raises MessageError when the frame is malformed, truncated or carries
+    too many descriptors; its descriptors are closed then.
+    """
     fds = rights(ancdata)
     try:
-        if flags & _TRUNCATED:
+        if flags & TRUNCATED:
             raise MessageError("message truncated: too large or too many descriptors")
         if nbytes == 0 and not fds:
             return None
@@ -276,6 +287,13 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
     except BaseException:
         close_later(fds)
         raise
+
+
+def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Frame | None:
+    """Receives one frame without blocking (``recv_nowait``, then ``parse``)."""
+    if buf is None:
+        buf = receive_buffer()
+    return parse(buf, *recv_nowait(sock, buf))
 
 
 def recv_frame_blocking(sock: socket.socket) -> Frame | None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgpack
 import prctl
 import pytest
 from conftest import is_spare
@@ -731,17 +732,19 @@ async def send_garbage(inbox: pactors.Inbox) -> int:
     memfd = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(memfd, b"N" * 100_000)
     msg_header = bytes([_wire.MSG, 0])
+    fd0 = msgpack.ExtType(_codec.EXT_FD, struct.pack("<I", 0))
+    address0 = msgpack.ExtType(_codec.EXT_ADDRESS, struct.pack("<I", 0))
     bad = [
-        ([msg_header + bytes([0xFF])], []),  # unknown type tag
+        ([msg_header + b"\xc1"], []),  # a byte MessagePack never uses
         ([msg_header + b"x" * (128 * 1024)], []),  # MSG_TRUNC
-        ([msg_header + bytes([_codec.T_NONE])], [r] * 70),  # MSG_CTRUNC
-        ([msg_header + bytes([_codec.T_ADDRESS]) + struct.pack("<I", 0)], [r]),  # not a socket
+        ([msg_header + msgpack.packb(None)], [r] * 70),  # MSG_CTRUNC
+        ([msg_header + msgpack.packb(address0)], [r]),  # an address that is not a socket
         ([_wire._SPILL.pack(_wire.MSG, 1, 100_000)], [memfd]),  # spill file not sealed
         ([bytes([_wire.NEW_SOURCE, 0])], [r]),  # a new sender that is a pipe
-        ([bytes([99, 0, _codec.T_NONE])], []),  # unknown frame kind
+        ([bytes([99, 0]) + msgpack.packb(None)], []),  # unknown frame kind
         ([b"\x01"], []),  # runt frame
-        ([msg_header + bytes([_codec.T_FD]) + struct.pack("<I", 0)], [r, w]),  # unnamed fd
-        ([msg_header + bytes([_codec.T_STR]) + struct.pack("<I", 2) + b"\xff\xfe"], []),
+        ([msg_header + msgpack.packb(fd0)], [r, w]),  # a descriptor it does not name
+        ([msg_header + b"\xa2\xff\xfe"], []),  # a str that is not UTF-8
     ]
     assert len(socks) == len(bad)
     for sock, (data, fds) in zip(socks, bad, strict=True):
@@ -975,14 +978,35 @@ def test_codec_descriptor_handles_must_each_be_named_once() -> None:
     for bad_nfds in (1, 2):
         with pytest.raises(pactors.MessageError, match="does not name"):
             _codec.decode(data, bad_nfds, Handle)
-    fd_tag = bytes([_codec.T_FD]) + struct.pack("<I", 0)
-    twice = bytes([_codec.T_LIST]) + struct.pack("<I", 2) + fd_tag + fd_tag
+    fd_tag = msgpack.packb(msgpack.ExtType(_codec.EXT_FD, struct.pack("<I", 0)))
+    twice = msgpack.packb([msgpack.ExtType(_codec.EXT_FD, struct.pack("<I", 0))] * 2)
     with pytest.raises(pactors.MessageError, match="does not carry"):
         _codec.decode(twice, 1, Handle)
     with pytest.raises(pactors.MessageError, match="does not carry"):
         _codec.decode(fd_tag, 0, Handle)
     decoded = _codec.decode(fd_tag, 1, Handle)
     assert (decoded.kind, decoded.index) == (_codec.HANDLE_FD, 0)
+
+
+def test_codec_decodes_only_str_keys_and_bounded_tuples() -> None:
+    """A peer's map keys are str only: int keys (whose hashes are not salted)
+    would let it build a dict whose inserts collide, and bytes keys are not
+    what a receiver expects. Nested tuples recurse, so they are bounded."""
+    list_key = b"\x81\x91\x01\x01"  # {[1]: 1}, which Python cannot even build
+    for data in [*(msgpack.packb({key: 1}) for key in (1, b"k", 1.5, None)), list_key]:
+        with pytest.raises(pactors.MessageError):
+            _codec.decode(data, 0, lambda kind, index: None)
+    nested = msgpack.packb(None)
+    for _ in range(_codec.MAX_DEPTH + 1):
+        nested = msgpack.packb(msgpack.ExtType(_codec.EXT_TUPLE, b"\x91" + nested))
+    with pytest.raises(pactors.MessageError, match="deeper"):
+        _codec.decode(nested, 0, lambda kind, index: None)
+    for code, data in ((_codec.EXT_BIGINT, b""), (_codec.EXT_TUPLE, b"\xc0"), (99, b"x"),
+                       (_codec.EXT_FD, b"\0\0")):
+        with pytest.raises(pactors.MessageError):
+            _codec.decode(msgpack.packb(msgpack.ExtType(code, data)), 1, lambda kind, i: None)
+    # What the packer makes of every kind of string, surrogates included.
+    assert _roundtrip({"path": "caf\udce9", "plain": "x"}) == {"path": "caf\udce9", "plain": "x"}
 
 
 def _random_value(rng: random.Random, depth: int = 0) -> Any:
@@ -1008,11 +1032,16 @@ def _random_value(rng: random.Random, depth: int = 0) -> Any:
 
 def test_codec_decoding_garbage_only_ever_raises_message_error() -> None:
     rng = random.Random(20240601)
-    handle_tags = bytes([_codec.T_FD, _codec.T_ADDRESS])
     samples = [_codec.encode(_random_value(rng), _no_handles)[0] for _ in range(300)]
-    samples.append(bytes([_codec.T_LIST]) + struct.pack("<I", 3) + b"D\0\0\0\0A\1\0\0\0N")
-    tags = bytes([_codec.T_NONE, _codec.T_TRUE, _codec.T_INT, _codec.T_BIGINT, _codec.T_FLOAT,
-                  _codec.T_STR, _codec.T_BYTES, _codec.T_LIST, _codec.T_TUPLE, _codec.T_DICT])
+    samples.append(msgpack.packb([msgpack.ExtType(_codec.EXT_FD, struct.pack("<I", 0)),
+                                  msgpack.ExtType(_codec.EXT_ADDRESS, struct.pack("<I", 1)),
+                                  None]))
+    # MessagePack's type bytes (nil, bools, bin, ext, floats, ints, str, arrays,
+    # maps) and the codes of the codec's extension types.
+    tags = bytes([0xC0, 0xC2, 0xC3, 0xC4, 0xC7, 0xCA, 0xCB, 0xCC, 0xD0, 0xD4, 0xD5, 0xD6,
+                  0xD9, 0xDC, 0xDE, 0x91, 0x81, 0xA1, 0x90, 0x80, 0xFF, 0xC1])
+    handle_tags = bytes([_codec.EXT_FD, _codec.EXT_ADDRESS, _codec.EXT_TUPLE,
+                         _codec.EXT_BIGINT])
     ok = errors = 0
     for i in range(5000):
         kind = i % 4
