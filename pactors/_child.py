@@ -212,9 +212,7 @@ def spare(ctrl_fd: int, sup_pidfd: int) -> None:
     os.dup2(null, INBOX_FD)
     os.close(null)
     _leave_supervisor_signals()
-    from . import _runtime
-
-    status = _runtime.run_actor_loop(_spare_main)
+    status = anyio.run(_spare_main)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

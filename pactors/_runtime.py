@@ -18,7 +18,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,8 +26,6 @@ import anyio.abc
 from . import _supervisor, _wire
 from ._errors import PactorsError
 from ._inbox import Inbox
-
-T = TypeVar("T")
 
 _current: contextvars.ContextVar[_ActorContext] = contextvars.ContextVar("pactors_actor")
 
@@ -205,22 +203,6 @@ async def _run_actor_body(runtime: _Runtime, inbox: Inbox,
         inbox.close()
 
 
-def run_actor_loop(func: Callable[..., Awaitable[T]], *args: Any) -> T:
-    """``anyio.run`` for a subprocess actor's process: asyncio on uvloop.
-
-    uvloop halves the cost of each wait for a message. It is for actor
-    processes only: libuv's first loop in a process registers a fork handler
-    that, in the child of every later fork, closes the descriptors libuv last
-    had and opens new ones. In a process that then sweeps its descriptors
-    (the supervisor, a child setting up) those numbers go stale and the next
-    fork closes whatever holds them. An actor starts its loop once its
-    descriptors are set, and never forks but to exec; the program's own
-    process, which forks a supervisor at each ``pactors.run``, stays on
-    asyncio's loop.
-    """
-    return anyio.run(func, *args, backend="asyncio", backend_options={"use_uvloop": True})
-
-
 def run(main: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio") -> Any:
     """Runs the program's ``main(*args)`` as the root actor and returns its result.
 
@@ -262,7 +244,7 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
                       report: Callable[[int, dict[str, Any]], None]) -> int:
     """The body of a subprocess actor after its init script; returns the exit status."""
     try:
-        return run_actor_loop(process_actor, entry, environment, inbox_fd, report)
+        return anyio.run(process_actor, entry, environment, inbox_fd, report)
     except BaseException as e:  # from the event loop itself
         return _error_status(e, report)
 

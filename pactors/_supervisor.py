@@ -95,7 +95,6 @@ def _preload() -> None:
     import anyio._backends._asyncio
     import cloudpickle  # noqa: F401
     import msgpack  # noqa: F401
-    import uvloop  # noqa: F401 - imported, never run here (see run_actor_loop)
 
     from . import _runtime, vm  # noqa: F401
 

@@ -607,6 +607,34 @@ def test_actor_ending_kills_its_own_undetached_children() -> None:
     run_actors(main)
 
 
+async def spawn_echo_and_ask(inbox: pactors.Inbox) -> None:
+    """Spawns echo_once as its own subprocess actor and asks it three times."""
+    msg = await inbox.receive()
+    answers = []
+    for i in range(3):
+        child = await pactors.spawn_actor(echo_once, subprocess=QUIET)
+        await child.send({"reply_to": inbox.address, "n": i})
+        answers.append((await inbox.receive())["echo"])
+        answers.append(await child.wait())
+    await msg["reply_to"].send(answers)
+
+
+def test_subprocess_actor_talks_with_its_own_subprocess_actors() -> None:
+    """Regression: an actor process forks its own supervisor from inside its
+    running event loop; a loop that leaves fork handlers behind (uvloop's
+    libuv) hung the grandchildren."""
+    async def main() -> None:
+        inbox = pactors.current_inbox()
+        actor = await pactors.spawn_actor(spawn_echo_and_ask, subprocess=QUIET)
+        await actor.send({"reply_to": inbox.address})
+        with anyio.fail_after(20):
+            answers = await inbox.receive()
+        assert answers == [{"n": 0}, 0, {"n": 1}, 0, {"n": 2}, 0]
+        assert await actor.wait() == 0
+
+    run_actors(main)
+
+
 # Errors --------------------------------------------------------------------
 
 async def raiser(inbox: pactors.Inbox) -> None:
