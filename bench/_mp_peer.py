@@ -156,6 +156,17 @@ def spawn_latency(method, runs, warmup, budget_s):
     return {"samples": samples}
 
 
+def batch_seconds(batches, run_batch):
+    """Times ``batches`` calls of ``run_batch`` after one more as a warmup."""
+    times = []
+    for b in range(batches + 1):
+        t0 = time.perf_counter()
+        run_batch()
+        if b:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def round_trips(method, n, batches, window=32):
     """Seconds per batch of n small-message round trips over a duplex Pipe.
 
@@ -167,24 +178,21 @@ def round_trips(method, n, batches, window=32):
     p = ctx.Process(target=echo, args=(child,))
     p.start()
     child.close()
-    times = []
-    for b in range(batches + 1):
-        t0 = time.perf_counter()
+
+    def one_in_flight():
         for i in range(n):
             parent.send({"seq": i, "op": "ping"})
             parent.recv()
-        if b:  # the first batch is the warmup
-            times.append(time.perf_counter() - t0)
-    pipelined = []
-    for b in range(batches + 1):
-        t0 = time.perf_counter()
+
+    def in_windows():
         for i in range(0, n, window):
             for j in range(window):
                 parent.send({"seq": i + j, "op": "ping"})
             for _ in range(window):
                 parent.recv()
-        if b:
-            pipelined.append(time.perf_counter() - t0)
+
+    times = batch_seconds(batches, one_in_flight)
+    pipelined = batch_seconds(batches, in_windows)
     parent.send(None)
     p.join()
     return {"batch_seconds": times, "pipelined_seconds": pipelined, "n": n, "window": window}
@@ -204,38 +212,34 @@ def fd_round_trips(method, n, batches):
     p = ctx.Process(target=echo_with_handle, args=(child,))
     p.start()
     child.close()
-    times = []
-    for b in range(batches + 1):
-        t0 = time.perf_counter()
+
+    def with_handles():
         for i in range(n):
             parent.send({"seq": i, "op": "ping"})
             reduction.send_handle(parent, w, p.pid)
             parent.recv()
             os.close(reduction.recv_handle(parent))
-        if b:
-            times.append(time.perf_counter() - t0)
+
+    out["send_handle"] = batch_seconds(batches, with_handles)
     parent.send(None)
     p.join()
-    out["send_handle"] = times
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     p = ctx.Process(target=echo_send_fds, args=(theirs,))
     p.start()
     theirs.close()
-    times = []
-    for b in range(batches + 1):
-        t0 = time.perf_counter()
+
+    def with_send_fds():
         for i in range(n):
             socket.send_fds(ours, [pickle.dumps({"seq": i, "op": "ping"})], [w])
             data, fds, _, _ = socket.recv_fds(ours, 4096, 1)
             pickle.loads(data)
             for fd in fds:
                 os.close(fd)
-        if b:
-            times.append(time.perf_counter() - t0)
+
+    out["send_fds"] = batch_seconds(batches, with_send_fds)
     socket.send_fds(ours, [pickle.dumps(None)], [w])
     p.join()
-    out["send_fds"] = times
     os.close(r)
     os.close(w)
     return out

@@ -52,18 +52,17 @@ _ALLOWED = ("None, bool, int, float, str, bytes, list, tuple, dict (str keys), "
 class _Encoding:
     """What the slow path's hook needs: the handles it found."""
 
-    __slots__ = ("classify", "handles", "surrogates")
+    __slots__ = ("classify", "handles")
 
     def __init__(self, classify: Callable[[Any], str | None]) -> None:
         self.classify = classify
         self.handles: list[Any] = []
-        self.surrogates = False
 
     def pack(self, value: Any) -> bytes:
-        # Lone surrogates (os.fsdecode of a non-UTF-8 name) need the slower
-        # error handler: only strings that have them pay for it.
+        # surrogatepass: lone surrogates (os.fsdecode of a non-UTF-8 name)
+        # travel too; the shared packer below makes them take this path.
         packer = msgpack.Packer(default=self.default, strict_types=True,
-                                unicode_errors="surrogatepass" if self.surrogates else None)
+                                unicode_errors="surrogatepass")
         return packer.pack(value)  # type: ignore[no-any-return]
 
     def default(self, value: Any) -> Any:
@@ -100,20 +99,18 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
     ``classify(value)`` returns ``HANDLE_FD`` or ``HANDLE_ADDRESS`` for values
     that travel as descriptors, and None for anything else.
     """
-    if type(msg) in _CONTAINERS and _check(msg, 0) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
+    if type(msg) in _CONTAINERS:
+        _check(msg, 0)
     try:
-        data: bytes = _PLAIN.pack(msg)
-        handles: list[Any] = []
-    except (TypeError, OverflowError, UnicodeEncodeError):
-        state = _Encoding(classify)
         try:
-            data = state.pack(msg)
-        except UnicodeEncodeError:
+            data: bytes = _PLAIN.pack(msg)
+            handles: list[Any] = []
+        except (TypeError, OverflowError, UnicodeEncodeError):
             state = _Encoding(classify)
-            state.surrogates = True
             data = state.pack(msg)
-        handles = state.handles
+            handles = state.handles
+    except BufferError as e:  # a memoryview that is not contiguous
+        raise MessageError(f"cannot send this memoryview: {e}") from None
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
     return data, handles
@@ -160,9 +157,7 @@ class _Decoding:
         self.depth = 0
 
     def unpack(self, data: Any) -> Any:
-        return msgpack.unpackb(data, ext_hook=self.ext, object_hook=_str_keys, raw=False,
-                               strict_map_key=True, unicode_errors="surrogatepass",
-                               timestamp=2)
+        return _unpack(data, self.ext)
 
     def ext(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
@@ -187,6 +182,11 @@ class _Decoding:
                 raise MessageError("malformed or too large integer")
             return int.from_bytes(data, "little", signed=True)
         raise MessageError(f"unknown extension type {code}")
+
+
+def _unpack(data: Any, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    return msgpack.unpackb(data, ext_hook=ext_hook, object_hook=_str_keys, raw=False,
+                           strict_map_key=True, unicode_errors="surrogatepass", timestamp=2)
 
 
 def _str_keys(value: dict[Any, Any]) -> dict[str, Any]:
@@ -215,9 +215,7 @@ def decode(data: bytes | bytearray | memoryview, nfds: int,
     try:
         if not nfds:
             try:  # most messages: no extension type, no state to keep
-                return msgpack.unpackb(data, ext_hook=_ext_needs_state, object_hook=_str_keys,
-                                       raw=False, strict_map_key=True,
-                                       unicode_errors="surrogatepass", timestamp=2)
+                return _unpack(data, _ext_needs_state)
             except _NeedsState:
                 pass
         state = _Decoding(nfds, make_handle)

@@ -337,10 +337,6 @@ class Inbox:
                                 "no senders left for this inbox: send its address to "
                                 "somebody before receiving on it")
                         await self._wait_readable(ep)
-                        if len(self._sources) == 1:
-                            # Woken for the only source there is: no need to ask
-                            # epoll which (a spurious wake reads EAGAIN and polls).
-                            ready.extend(self._sources)
                         continue
                     fd = events[0][0]
                     if len(events) > 1:
@@ -358,11 +354,10 @@ class Inbox:
                     self.dropped += 1
                     self._drop_source(fd)
                     continue
-                nbytes, ancdata, flags = received
-                if (nbytes >= _wire.HEADER_SIZE and not ancdata and not flags & _wire.TRUNCATED
-                        and buf[0] == _wire.MSG and not buf[1]):
-                    try:  # most messages: no descriptors, decode in place
-                        return _codec.decode(buf[_wire.HEADER_SIZE:nbytes], 0, _no_handles)
+                payload = _wire.plain_payload(buf, *received)
+                if payload is not None:
+                    try:  # most messages: no descriptors, no frame to build
+                        return _codec.decode(payload, 0, _no_handles)
                     except MessageError:
                         self.dropped += 1
                         self._drop_source(fd)

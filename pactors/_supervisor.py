@@ -94,7 +94,6 @@ def _preload() -> None:
 
     import anyio._backends._asyncio
     import cloudpickle  # noqa: F401
-    import msgpack  # noqa: F401
 
     from . import _runtime, vm  # noqa: F401
 

@@ -38,7 +38,6 @@ _F_SPILL = 1
 
 INLINE_MAX = 64 * 1024
 _HEADER = struct.Struct("<BB")
-HEADER_SIZE = _HEADER.size
 _HEADERS = {kind: _HEADER.pack(kind, 0) for kind in (MSG, NEW_SOURCE, BODY, INIT_ERROR,
                                                       ACTOR_ERROR)}
 _SPILL = struct.Struct("<BBQ")
@@ -49,7 +48,7 @@ _ANCBUFSIZE = socket.CMSG_SPACE((MAX_FDS + 1) * 4)
 # a microsecond a time on every message.
 _SEND_FLAGS = int(socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 _RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT)
-TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
 class Frame:
@@ -132,7 +131,7 @@ def _pack(kind: int, payload: bytes | bytearray | memoryview,
     if len(fds) > MAX_FDS:
         raise MessageError(f"a message carries at most {MAX_FDS} descriptors, not {len(fds)}")
     if len(payload) <= INLINE_MAX:
-        return _HEADER.pack(kind, 0) + bytes(payload), fds, None
+        return _HEADERS[kind] + payload, fds, None
     memfd = os.memfd_create("pactors-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(payload)
@@ -146,8 +145,11 @@ def _pack(kind: int, payload: bytes | bytearray | memoryview,
 
 
 def _sendmsg(sock: socket.socket, data: bytes, fds: list[int]) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-    sock.sendmsg([data], anc, _SEND_FLAGS)
+    if not fds:  # most frames: no list of buffers, no ancillary data
+        sock.send(data, _SEND_FLAGS)
+        return
+    sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                 _SEND_FLAGS)
 
 
 def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearray,
@@ -167,9 +169,6 @@ def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearr
 
 def send_frame_nowait(sock: socket.socket, kind: int, payload: bytes) -> None:
     """Sends one frame without descriptors; BlockingIOError when the socket is full."""
-    if len(payload) <= INLINE_MAX:  # most messages: one send, no list of buffers
-        sock.send(_HEADERS[kind] + payload, _SEND_FLAGS)
-        return
     data, fds, memfd = _pack(kind, payload, [])
     try:
         _sendmsg(sock, data, fds)
@@ -224,22 +223,30 @@ def rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def recvmsg_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
-    """One recvmsg on a control socket: the data and the descriptors it carried."""
-    data, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * 4),
-                                       socket.MSG_CMSG_CLOEXEC)
-    return data, rights(ancdata)
+    """One recvmsg on a control socket: the data and the descriptors it carried.
+
+    A truncated packet (more than ``bufsize`` bytes or ``maxfds``
+    descriptors) raises EMSGSIZE, its descriptors closed.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_SPACE(maxfds * 4),
+                                           socket.MSG_CMSG_CLOEXEC)
+    fds = rights(ancdata)
+    if flags & _TRUNCATED:
+        close_all(fds)
+        raise OSError(errno.EMSGSIZE, "control message truncated")
+    return data, fds
 
 
 def receive_buffer() -> bytearray:
-    """A buffer for ``recv_frame_nowait`` to reuse across calls."""
+    """A buffer for ``recv_nowait`` to reuse across calls."""
     return bytearray(_RECV_BUFSIZE)
 
 
 def recv_nowait(sock: socket.socket, buf: bytearray) -> tuple[int, list[Any], int]:
     """One recvmsg into ``buf``: the byte count, the ancillary data and the flags.
 
-    Raises BlockingIOError when no frame is queued. ``parse`` makes a frame
-    of what it returns (the inbox reads plain messages without it).
+    Raises BlockingIOError when no frame is queued. ``plain_payload`` or
+    ``parse`` reads what it returns.
     """
     while True:
         try:
@@ -251,6 +258,16 @@ def recv_nowait(sock: socket.socket, buf: bytearray) -> tuple[int, list[Any], in
             continue
 
 
+def plain_payload(buf: bytearray, nbytes: int, ancdata: list[Any],
+                  flags: int) -> bytearray | None:
+    """The payload of what ``recv_nowait`` returned if it is a whole message
+    frame with no descriptors (most are), else None: ``parse`` it."""
+    if (nbytes >= _HEADER.size and not ancdata and not flags & _TRUNCATED
+            and buf[0] == MSG and not buf[1]):
+        return buf[_HEADER.size:nbytes]
+    return None
+
+
 def parse(buf: bytearray, nbytes: int, ancdata: list[Any], flags: int) -> Frame | None:
     """The frame in what ``recv_nowait`` returned; None at end of stream.
 
@@ -259,7 +276,7 @@ def parse(buf: bytearray, nbytes: int, ancdata: list[Any], flags: int) -> Frame 
     """
     fds = rights(ancdata)
     try:
-        if flags & TRUNCATED:
+        if flags & _TRUNCATED:
             raise MessageError("message truncated: too large or too many descriptors")
         if nbytes == 0 and not fds:
             return None

@@ -913,16 +913,39 @@ def test_wire_rejects_bad_frames_and_closes_their_descriptors() -> None:
             a.sendmsg(data, _rights(fds) if fds else [])
             with pytest.raises(pactors.MessageError, match=error):
                 _wire.recv_frame_nowait(b)
+            assert _wire.wait_closed(5)  # a peer's descriptors close on the closer thread
             assert open_fds() == before, error
         # A regular file is no spill file either; the kernel's EINVAL is an OSError.
         a.sendmsg([_wire._SPILL.pack(_wire.MSG, 1, 0)], _rights([r]))
         with pytest.raises(OSError):
             _wire.recv_frame_nowait(b)
+        assert _wire.wait_closed(5)
         assert open_fds() == before
         a.close()
         assert _wire.recv_frame_nowait(b) is None
     for fd in (r, w, sealed):
         os.close(fd)
+
+
+def test_a_truncated_control_message_is_an_error() -> None:
+    """The supervisor's control sockets take a bounded number of bytes and
+    descriptors: more is EMSGSIZE, with what did arrive closed."""
+    a, b = _wire.seqpacket_pair()
+    r, w = os.pipe()
+    with a, b:
+        before = open_fds()
+        for data, fds in (([b"x" * 100], []), ([b"{}"], [r] * 5)):
+            a.sendmsg(data, _rights(fds) if fds else [])
+            with pytest.raises(OSError) as raised:
+                _wire.recvmsg_fds(b, 64, 2)
+            assert raised.value.errno == errno.EMSGSIZE
+            assert open_fds() == before
+        a.sendmsg([b"{}"], _rights([r, w]))
+        data, fds = _wire.recvmsg_fds(b, 64, 2)
+        assert data == b"{}" and len(fds) == 2
+        _wire.close_all(fds)
+    os.close(r)
+    os.close(w)
 
 
 # The codec -------------------------------------------------------------------
@@ -987,6 +1010,7 @@ def test_codec_rejects_what_it_cannot_carry_clearly() -> None:
         (2 ** (8 * _codec.MAX_INT_BYTES + 8), "integer too large"),
         (too_deep, "nests deeper"),
         (bytes(_codec.MAX_MESSAGE_BYTES), "larger than"),
+        ({"view": memoryview(b"abcd")[::2]}, "not C-contiguous"),
     ]
     for value, error in cases:
         with pytest.raises(pactors.MessageError, match=error):
@@ -1577,10 +1601,10 @@ def test_concurrent_senders_on_a_full_channel_keep_their_order() -> None:
     assert run_actors(main) == [list(range(per_task))] * tasks
 
 
-async def send_lingering_socket(inbox: pactors.Inbox) -> None:
-    """Sends a TCP socket whose close blocks for 5 s (SO_LINGER, unsent data,
-    a loopback peer that does not read), then waits for "go"."""
-    msg = await inbox.receive()
+def lingering_tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection whose client end blocks 5 s in close()
+    (SO_LINGER, unsent data, a server end that does not read) until the
+    server end is closed."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         client = socket.create_connection(listener.getsockname())
         server, _ = listener.accept()
@@ -1589,6 +1613,14 @@ async def send_lingering_socket(inbox: pactors.Inbox) -> None:
     with contextlib.suppress(BlockingIOError):
         while True:
             client.send(b"x" * 65536)
+    return client, server
+
+
+async def send_lingering_socket(inbox: pactors.Inbox) -> None:
+    """Sends a TCP socket whose close blocks for 5 s (SO_LINGER, unsent data,
+    a loopback peer that does not read), then waits for "go"."""
+    msg = await inbox.receive()
+    client, server = lingering_tcp_pair()
     await msg["reply_to"].send({"fd": pactors.Fd(client)})
     os.close(client.detach())  # the receiver holds the socket now
     assert await inbox.receive() == "go"
@@ -1637,14 +1669,7 @@ def _closer_busy() -> bool:
 def test_the_supervisor_forks_while_the_closer_is_busy() -> None:
     """pactors' closer thread may be stuck in a peer's close: the supervisor
     is forked all the same (the thread holds nothing the child needs)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 5))
-    client.setblocking(False)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            client.send(b"x" * 65536)
+    client, server = lingering_tcp_pair()
     _wire.close_later([client.detach()])  # blocks the closer for 5 s
     try:
         assert any(t.name == _wire.CLOSER_THREAD for t in threading.enumerate())
