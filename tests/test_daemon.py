@@ -560,6 +560,37 @@ def raw(daemon: Daemon) -> Iterator[Callable[[], socket.socket]]:
         conn.close()
 
 
+def test_a_relaunch_waits_for_the_same_apps_teardown(
+        daemon: Daemon, raw: Callable[[], socket.socket]) -> None:
+    """The client gets the app's status before the container is torn down;
+    the same app and profile launched the moment that status arrives waits
+    for the teardown instead of being refused as "already running"."""
+    conns = [raw(), raw()]
+
+    def launch(conn: socket.socket) -> socket.socket:
+        nulls = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+        try:
+            socket.send_fds(conn, [spawn(app_name="again")], nulls)
+        finally:
+            for fd in nulls:
+                os.close(fd)
+        reply, fds, _flags, _addr = socket.recv_fds(conn, 1 << 17, 4)
+        assert json.loads(reply)["result"] == "ok", reply
+        control = socket.socket(fileno=fds[0])
+        control.settimeout(20)
+        return control
+
+    control = launch(conns[0])
+    for i in range(1, 5):
+        with control:
+            assert json.loads(control.recv(4096)) == {"event": "exit", "status": 0}
+            # At once, on a connection made before: no client start in between.
+            next_control = launch(conns[i % 2])
+        control = next_control
+    with control:
+        assert json.loads(control.recv(4096)) == {"event": "exit", "status": 0}
+
+
 BAD_PACKETS: list[tuple[str, bytes, int, str]] = [
     ("garbage", b"\xff\xfe\x00\x9cgarbage\x00", 0, "the request is not valid UTF-8"),
     ("not JSON", b"{request: list}", 0, "the request is not valid JSON"),

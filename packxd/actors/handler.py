@@ -39,6 +39,7 @@ STOP_WATCHDOG = 15.0  # after a stop request: the guest gives SIGKILL at 10 s
 MAX_OUTPUT_LINES = 200
 MAX_OUTPUT_LINE = 300  # characters
 OUTPUT_GRACE = 2.0  # seconds to read what is left once the container is gone
+TEARDOWN_WAIT = 10.0  # how long a relaunch waits for the same app's teardown
 REFUSED_LINGER = 5.0  # how long a refused client has to send its request
 
 
@@ -75,6 +76,8 @@ class Launch:
     worker: pactors.Actor | None = None  # root, parent of the container
     container: pactors.Channel | None = None  # the guest actor's inbox
     pid: int = 0  # the container's PID 1, as the host sees it
+    app_exited: bool = False  # the client has the app's status; teardown follows
+    ended: anyio.Event = dataclasses.field(default_factory=anyio.Event)  # out of running
 
     def info(self) -> dict[str, Any]:
         return {"guest": self.guest, "app_name": self.app, "profile": self.profile,
@@ -239,6 +242,12 @@ async def _dispatch(daemon: Daemon, caller: Caller, sock: socket.socket,
         display = args.get("display") or guest.display
         protocol.check_request_fds(request, len(fds), display)
         key = (caller.uid, args["app_name"], args["profile"])
+        earlier = daemon.running.get(key)
+        if earlier is not None and earlier.app_exited:
+            # Its client has the status and may launch it again at once:
+            # wait for the teardown (same home, same runtime directory).
+            with anyio.move_on_after(TEARDOWN_WAIT):
+                await earlier.ended.wait()
         if key in daemon.running:
             raise protocol.ProtocolError(
                 f"app \"{key[1]}\" with profile \"{key[2]}\" is already running")
@@ -270,6 +279,7 @@ async def _run_launch(daemon: Daemon, launch: Launch, guest: Guest, args: dict[s
         raise LaunchError(f"cannot prepare the app's directories: {e.strerror or e}") from None
     finally:
         daemon.running.pop(key, None)
+        launch.ended.set()
 
 
 async def _userrundir(op: str, caller: Caller, app: str, profile: str) -> None:
@@ -499,6 +509,7 @@ async def _supervise(launch: Launch, events: pactors.Inbox, control: socket.sock
                 await _notify(control, protocol.display_ready_event())
             elif kind == "exit" and app_status is None:
                 app_status = _status(event.get("status"))
+                launch.app_exited = True
                 await _notify(control, protocol.exit_event(app_status))
             elif "exit" in event:
                 if event.get("error"):
@@ -507,6 +518,7 @@ async def _supervise(launch: Launch, events: pactors.Inbox, control: socket.sock
                 break
         tg.cancel_scope.cancel()
     if app_status is None:
+        launch.app_exited = True
         await _notify(control, protocol.exit_event(status))
     return app_status if app_status is not None else status
 
