@@ -715,7 +715,15 @@ def test_spares_are_bounded_and_a_dead_one_is_replaced_by_a_fork() -> None:
                 actor, _ = await _report(pactors.Subprocess(stdout="share", **ns))
                 await _finish([actor])
             await anyio.sleep(0.05)
-        spares = {pid for pid in _spare_pids() if _ppid(pid) == sup}
+        def spare_pids() -> set[int]:
+            return {pid for pid in _spare_pids() if _ppid(pid) == sup}
+
+        # The last spare is cloned after its spawn's reply: give it time.
+        deadline = time.monotonic() + 10
+        while len(spare_pids()) < MAX_SPARES and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.1)  # an evicted spare would be gone, an extra one made
+        spares = spare_pids()
         for pid in spares:
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -735,8 +743,12 @@ def test_spares_are_bounded_and_a_dead_one_is_replaced_by_a_fork() -> None:
 
 
 def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    """The parent's pid, or 0 once ``pid`` is gone (a spare may exit at any time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
 
 
 def _state(pid: int) -> str | None:
