@@ -38,7 +38,7 @@ import anyio
 import cloudpickle
 import prctl
 
-from . import _codec, _linux, _wire
+from . import _codec, _linux, _loop, _wire
 from ._errors import InitError
 from .subprocess_init import InitScriptFailure, run_init_script
 
@@ -212,7 +212,7 @@ def spare(ctrl_fd: int, sup_pidfd: int) -> None:
     os.dup2(null, INBOX_FD)
     os.close(null)
     _leave_supervisor_signals()
-    status = anyio.run(_spare_main)
+    status = anyio.run(_spare_main, backend_options=_loop.backend_options("asyncio"))
     try:
         sys.stdout.flush()
         sys.stderr.flush()

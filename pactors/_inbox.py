@@ -7,9 +7,12 @@ own one-way channel that it alone can close (Emilua's model).
 
 An inbox watches its sources with one epoll descriptor, and reads only while
 somebody is in ``receive()``: the sources' socket buffers are the flow control.
-Under asyncio the event loop keeps watching that descriptor between
-receives (``anyio.wait_readable`` would add and remove it at each wait: two
-epoll_ctl calls and the selector's bookkeeping, a third of a round trip).
+On pactors' own event loop (``_loop.ActorLoop``) a receiver blocks on that
+descriptor directly while the loop has nothing else to do, which saves two
+turns of the loop per message. Otherwise, under asyncio, the loop keeps
+watching that descriptor between receives (``anyio.wait_readable`` would add
+and remove it at each wait: two epoll_ctl calls and the selector's
+bookkeeping, a third of a round trip).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import anyio
 
 from . import _codec, _wire
 from ._errors import ChannelClosed, MessageError, NoSenders
+from ._loop import ActorLoop
 
 MAX_SOURCES = 4096
 
@@ -377,6 +381,8 @@ class Inbox:
                 await anyio.wait_readable(ep.fileno())
             except anyio.ClosedResourceError:
                 pass
+            return
+        if type(loop) is ActorLoop and loop.wait_readable_if_idle(ep.fileno()):
             return
         if self._watcher is not loop:
             self._unwatch()

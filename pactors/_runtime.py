@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from . import _supervisor, _wire
+from . import _loop, _supervisor, _wire
 from ._errors import PactorsError
 from ._inbox import Inbox
 
@@ -227,7 +227,8 @@ def run(main: Callable[..., Awaitable[Any]], *args: Any, backend: str = "asyncio
                 await runtime.aclose()
 
     try:
-        return anyio.run(root, backend=backend)
+        return anyio.run(root, backend=backend,
+                         backend_options=_loop.backend_options(backend))
     except BaseExceptionGroup as group:
         raise _unwrap(group) from None
 
@@ -244,7 +245,8 @@ def run_process_actor(entry: Any, environment: dict[str, str] | None, inbox_fd: 
                       report: Callable[[int, dict[str, Any]], None]) -> int:
     """The body of a subprocess actor after its init script; returns the exit status."""
     try:
-        return anyio.run(process_actor, entry, environment, inbox_fd, report)
+        return anyio.run(process_actor, entry, environment, inbox_fd, report,
+                         backend_options=_loop.backend_options("asyncio"))
     except BaseException as e:  # from the event loop itself
         return _error_status(e, report)
 

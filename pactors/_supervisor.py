@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 
 import prctl
 
-from . import _child, _linux, _wire
+from . import _child, _linux, _loop, _wire
 
 MAX_REQUEST = 4096
 MAX_SPARES = 4
@@ -99,7 +99,7 @@ def _preload() -> None:
 
     # One throwaway event loop: the lazy state it creates (and the pages it
     # touches) then live in the image every actor is forked from.
-    anyio.run(anyio.sleep, 0)
+    anyio.run(anyio.sleep, 0, backend_options=_loop.backend_options("asyncio"))
     asyncio.events._set_running_loop(None)
 
 
