@@ -148,7 +148,7 @@ class Channel:
             # One frame and nobody else sending on this channel: no lock needed
             # unless the socket is full, when the lock keeps the waiters in order.
             try:
-                _wire.send_frame_nowait(sock, _wire.MSG, data)
+                _wire.send_message_nowait(sock, data)
                 return
             except BlockingIOError:
                 pass
@@ -334,31 +334,27 @@ class Inbox:
                     ep = self._epoll
                     if ep is None:
                         raise ChannelClosed("the inbox is closed")
-                    events = ep.poll(0)
-                    if not events:
-                        if not self._sources:
-                            raise NoSenders(
-                                "no senders left for this inbox: send its address to "
-                                "somebody before receiving on it")
-                        await self._wait_readable(ep)
-                        continue
-                    fd = events[0][0]
-                    if len(events) > 1:
-                        ready.extend([fd for fd, _ in events[1:]])
-                else:
-                    fd = ready.popleft()
+                    if not self._sources:
+                        raise NoSenders("no senders left for this inbox: send its address "
+                                        "to somebody before receiving on it")
+                    if not self._wait_if_idle(ep) or not ready:
+                        events = ep.poll(0)
+                        if not events:
+                            await self._wait_readable(ep)
+                            continue
+                        ready.extend([fd for fd, _ in events])
+                fd = ready.popleft()
                 sock = self._sources.get(fd)
                 if sock is None:
                     continue
                 try:
-                    received = _wire.recv_nowait(sock, buf)
+                    payload, received = _wire.recv_nowait(sock, buf)
                 except BlockingIOError:
                     continue
                 except OSError:
                     self.dropped += 1
                     self._drop_source(fd)
                     continue
-                payload = _wire.plain_payload(buf, *received)
                 if payload is not None:
                     try:  # most messages: no descriptors, no frame to build
                         return _codec.decode(payload, 0, _no_handles)
@@ -372,6 +368,24 @@ class Inbox:
         finally:
             self._receiving = False
 
+    def _wait_if_idle(self, ep: select.epoll) -> bool:
+        """On pactors' loop, while it has nothing else to do, blocks until a
+        source is readable; True then. With one source, that source is
+        polled itself (no epoll to wake through) and queued in ``_ready``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if type(loop) is not ActorLoop:
+            return False
+        if len(self._sources) == 1:
+            (fd,) = self._sources
+            if loop.wait_readable_if_idle(fd):
+                self._ready.append(fd)
+                return True
+            return False
+        return loop.wait_readable_if_idle(ep.fileno())
+
     async def _wait_readable(self, ep: select.epoll) -> None:
         """Waits until a source may have something; returns early if closed."""
         try:
@@ -381,8 +395,6 @@ class Inbox:
                 await anyio.wait_readable(ep.fileno())
             except anyio.ClosedResourceError:
                 pass
-            return
-        if type(loop) is ActorLoop and loop.wait_readable_if_idle(ep.fileno()):
             return
         if self._watcher is not loop:
             self._unwatch()

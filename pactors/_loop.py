@@ -17,9 +17,9 @@ the loop misses nothing:
 When the wait ends for any reason but the task's descriptor, the task
 awaits as usual and the loop takes over.
 
-This reads three attributes of ``asyncio.BaseEventLoop`` that are not
-public (``_ready``, ``_scheduled``, ``_stopping``): those its ``_run_once``
-decides its own wait by. Where they do not exist, or the loop is in debug
+This reads attributes of ``asyncio.BaseEventLoop`` that are not public
+(``_ready``, ``_scheduled``, ``_stopping``, ``_debug``): those its
+``_run_once`` decides its own wait by. Where they do not exist, or the loop is in debug
 mode (whose slow-callback report would count the wait), the idle wait is
 never used.
 """
@@ -58,7 +58,7 @@ class ActorLoop(asyncio.SelectorEventLoop):
 
         Call it only from a task running on this loop.
         """
-        if not self._idle_ok or self._ready or self._stopping or self.get_debug():  # type: ignore[attr-defined]
+        if not self._idle_ok or self._ready or self._stopping or self._debug:  # type: ignore[attr-defined]
             return False
         timeout_ms = -1
         scheduled = self._scheduled  # type: ignore[attr-defined]
@@ -74,11 +74,14 @@ class ActorLoop(asyncio.SelectorEventLoop):
                 self._idle_poll.unregister(self._idle_fd)
             self._idle_poll.register(fd, _POLL_READ)
             self._idle_fd = fd
-        return any(ready == fd for ready, _ in self._idle_poll.poll(timeout_ms))
+        for ready, _ in self._idle_poll.poll(timeout_ms):  # noqa: SIM110 - any() costs a frame
+            if ready == fd:
+                return True
+        return False
 
 
 # What BaseEventLoop._run_once decides its wait by.
-_RUN_ONCE_STATE = ("_ready", "_scheduled", "_stopping")
+_RUN_ONCE_STATE = ("_ready", "_scheduled", "_stopping", "_debug")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

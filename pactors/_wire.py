@@ -167,9 +167,16 @@ def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearr
             os.close(memfd)
 
 
-def send_frame_nowait(sock: socket.socket, kind: int, payload: bytes) -> None:
-    """Sends one frame without descriptors; BlockingIOError when the socket is full."""
-    data, fds, memfd = _pack(kind, payload, [])
+_MSG_HEADER = _HEADERS[MSG]
+
+
+def send_message_nowait(sock: socket.socket, payload: bytes) -> None:
+    """Sends a message frame without descriptors; BlockingIOError when the
+    socket is full."""
+    if len(payload) <= INLINE_MAX:  # most: one send(2), nothing to build
+        sock.send(_MSG_HEADER + payload, _SEND_FLAGS)
+        return
+    data, fds, memfd = _pack(MSG, payload, [])
     try:
         _sendmsg(sock, data, fds)
     finally:
@@ -242,34 +249,30 @@ def receive_buffer() -> bytearray:
     return bytearray(_RECV_BUFSIZE)
 
 
-def recv_nowait(sock: socket.socket, buf: bytearray) -> tuple[int, list[Any], int]:
-    """One recvmsg into ``buf``: the byte count, the ancillary data and the flags.
+def recv_nowait(sock: socket.socket, buf: bytearray) -> tuple[bytearray | None,
+                                                              tuple[int, list[Any], int]]:
+    """One recvmsg into ``buf``: the payload if it is a whole message frame
+    with no descriptors (most are), else None; and what recvmsg returned (the
+    byte count, the ancillary data and the flags), for ``parse``.
 
-    Raises BlockingIOError when no frame is queued. ``plain_payload`` or
-    ``parse`` reads what it returns.
+    Raises BlockingIOError when no frame is queued.
     """
     while True:
         try:
             nbytes, ancdata, flags, _ = sock.recvmsg_into([buf], _ANCBUFSIZE, _RECV_FLAGS)
-            return nbytes, ancdata, flags
+            break
         except ConnectionResetError:
             # The peer closed with our messages unread. Linux reports that
             # once, ahead of what the peer had queued for us: read on.
             continue
-
-
-def plain_payload(buf: bytearray, nbytes: int, ancdata: list[Any],
-                  flags: int) -> bytearray | None:
-    """The payload of what ``recv_nowait`` returned if it is a whole message
-    frame with no descriptors (most are), else None: ``parse`` it."""
     if (nbytes >= _HEADER.size and not ancdata and not flags & _TRUNCATED
             and buf[0] == MSG and not buf[1]):
-        return buf[_HEADER.size:nbytes]
-    return None
+        return buf[_HEADER.size:nbytes], (nbytes, ancdata, flags)
+    return None, (nbytes, ancdata, flags)
 
 
 def parse(buf: bytearray, nbytes: int, ancdata: list[Any], flags: int) -> Frame | None:
-    """The frame in what ``recv_nowait`` returned; None at end of stream.
+    """The frame in what ``recv_nowait`` received; None at end of stream.
 
     Raises MessageError when the frame is malformed, truncated or carries
     too many descriptors; its descriptors are closed then.
@@ -310,7 +313,7 @@ def recv_frame_nowait(sock: socket.socket, buf: bytearray | None = None) -> Fram
     """Receives one frame without blocking (``recv_nowait``, then ``parse``)."""
     if buf is None:
         buf = receive_buffer()
-    return parse(buf, *recv_nowait(sock, buf))
+    return parse(buf, *recv_nowait(sock, buf)[1])
 
 
 def recv_frame_blocking(sock: socket.socket) -> Frame | None:
