@@ -43,11 +43,17 @@ HANDLE_ADDRESS = "address"
 _INDEX = struct.Struct("<I")
 _CONTAINERS = frozenset((dict, list, tuple))
 _SIZED = frozenset((str, bytes, bytearray, memoryview))
+_SCALARS = frozenset((type(None), bool, int, float))
 _ALLOWED = ("None, bool, int, float, str, bytes, list, tuple, dict (str keys), "
             "Fd and addresses")
 
 
 # Encoding ------------------------------------------------------------------
+
+# A packer's first buffer (msgpack's default is 1 MiB): a tuple inside a
+# message packs with a packer of its own while the outer one holds its buffer,
+# and a fresh megabyte each time costs more than the rest of the message.
+_PACKER_BUFFER = 4096
 
 class _Encoding:
     """What the slow path's hook needs: the handles it found."""
@@ -62,7 +68,7 @@ class _Encoding:
         # surrogatepass: lone surrogates (os.fsdecode of a non-UTF-8 name)
         # travel too; the shared packer below makes them take this path.
         packer = msgpack.Packer(default=self.default, strict_types=True,
-                                unicode_errors="surrogatepass")
+                                unicode_errors="surrogatepass", buf_size=_PACKER_BUFFER)
         return packer.pack(value)  # type: ignore[no-any-return]
 
     def default(self, value: Any) -> Any:
@@ -88,8 +94,10 @@ class _Encoding:
 
 # Messages with nothing but MessagePack's own types (most of them) go through
 # one shared packer with no hook: it runs no Python code, so the GIL makes it
-# safe to share between threads. Anything else makes it raise, and the
-# message is packed again with the hook.
+# safe to share between threads. The walk before packing finds the values it
+# has no type for (tuples, handles...); those messages, and the rare one it
+# refuses anyway (an int beyond 64 bits, a lone surrogate), take the packer
+# with the hook. Trying the shared packer first would cost them an exception.
 _PLAIN = msgpack.Packer(strict_types=True)
 
 
@@ -99,13 +107,21 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
     ``classify(value)`` returns ``HANDLE_FD`` or ``HANDLE_ADDRESS`` for values
     that travel as descriptors, and None for anything else.
     """
-    if type(msg) in _CONTAINERS:
-        _check(msg, 0)
+    others: list[Any] = []
+    t = type(msg)
+    if t in _CONTAINERS:
+        _check(msg, 0, others)
+    elif t not in _SIZED and t not in _SCALARS:
+        others.append(msg)
+    data: bytes | None = None
+    handles: list[Any] = []
     try:
-        try:
-            data: bytes = _PLAIN.pack(msg)
-            handles: list[Any] = []
-        except (TypeError, OverflowError, UnicodeEncodeError):
+        if not others:
+            try:
+                data = _PLAIN.pack(msg)
+            except (TypeError, OverflowError, UnicodeEncodeError):
+                pass
+        if data is None:
             state = _Encoding(classify)
             data = state.pack(msg)
             handles = state.handles
@@ -116,8 +132,9 @@ def encode(msg: Any, classify: Callable[[Any], str | None]) -> tuple[bytes, list
     return data, handles
 
 
-def _check(value: Any, depth: int) -> int:
-    """Checks keys and depth; returns a lower bound of the encoded size."""
+def _check(value: Any, depth: int, others: list[Any]) -> int:
+    """Checks keys and depth; returns a lower bound of the encoded size, and
+    adds to ``others`` what MessagePack has no type of its own for."""
     if depth >= MAX_DEPTH:
         raise MessageError(f"message nests deeper than {MAX_DEPTH} levels "
                            "(or contains a reference cycle)")
@@ -130,16 +147,22 @@ def _check(value: Any, depth: int) -> int:
             size += len(key)
             t = type(item)
             if t in _CONTAINERS:
-                size += _check(item, depth + 1)
+                size += _check(item, depth + 1, others)
             elif t in _SIZED:
                 size += len(item)
+            elif t not in _SCALARS:
+                others.append(item)
     else:
+        if type(value) is tuple:
+            others.append(value)
         for item in value:
             t = type(item)
             if t in _CONTAINERS:
-                size += _check(item, depth + 1)
+                size += _check(item, depth + 1, others)
             elif t in _SIZED:
                 size += len(item)
+            elif t not in _SCALARS:
+                others.append(item)
     if size > MAX_MESSAGE_BYTES:  # stops the walk of a list that repeats itself
         raise MessageError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
     return size

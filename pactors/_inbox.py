@@ -144,18 +144,21 @@ class Channel:
         """
         data, handles = _codec.encode(msg, _classify)
         sock = self._sock
-        if not handles and sock is not None and not self._lock.locked():
-            # One frame and nobody else sending on this channel: no lock needed
-            # unless the socket is full, when the lock keeps the waiters in order.
-            try:
-                _wire.send_message_nowait(sock, data)
-                return
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if _wire.is_disconnect(e):
-                    self._on_disconnect()
-                raise
+        if sock is not None and not self._lock.locked():
+            # Nobody else sending on this channel: no lock needed unless the
+            # socket is full (the lock keeps the waiters in order) or an
+            # address must be minted (which awaits).
+            ready_fds = _fd_numbers(handles)
+            if ready_fds is not None:
+                try:
+                    _wire.send_message_nowait(sock, data, ready_fds)
+                    return
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    if _wire.is_disconnect(e):
+                        self._on_disconnect()
+                    raise
         async with self._lock:
             sock = self._socket()
             fds: list[int] = []
@@ -163,15 +166,7 @@ class Channel:
             try:
                 for handle in handles:
                     if isinstance(handle, Fd):
-                        fd = handle.fileno()
-                        try:
-                            os.fstat(fd)
-                        except OSError:
-                            # sendmsg would fail with EBADF, which reads as
-                            # "the receiver is gone".
-                            raise MessageError(
-                                f"Fd {fd} is not an open file descriptor") from None
-                        fds.append(fd)
+                        fds.append(_fd_number(handle))
                     else:
                         # Our own address: we already hold our lock.
                         fd = await (self._mint_locked() if handle is self else handle._mint())
@@ -512,6 +507,27 @@ def decode_message(frame: _wire.Frame) -> Any:
         raise
     frame.fds = []
     return value
+
+
+def _fd_number(handle: Fd) -> int:
+    """The descriptor an ``Fd`` in a message names, checked open: sendmsg
+    would fail with EBADF, which reads as "the receiver is gone"."""
+    fd = handle.fileno()
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise MessageError(f"Fd {fd} is not an open file descriptor") from None
+    return fd
+
+
+def _fd_numbers(handles: list[Any]) -> list[int] | None:
+    """The descriptors of ``handles`` if all are ``Fd`` (checked open), else None."""
+    if not handles:  # most messages
+        return handles
+    for handle in handles:
+        if not isinstance(handle, Fd):
+            return None
+    return [_fd_number(handle) for handle in handles]
 
 
 def _no_handles(kind: str, index: int) -> Any:

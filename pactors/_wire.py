@@ -170,15 +170,15 @@ def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearr
 _MSG_HEADER = _HEADERS[MSG]
 
 
-def send_message_nowait(sock: socket.socket, payload: bytes) -> None:
-    """Sends a message frame without descriptors; BlockingIOError when the
-    socket is full."""
-    if len(payload) <= INLINE_MAX:  # most: one send(2), nothing to build
+def send_message_nowait(sock: socket.socket, payload: bytes,
+                        fds: list[int] = []) -> None:  # noqa: B006 - never mutated
+    """Sends a message frame; BlockingIOError when the socket is full."""
+    if not fds and len(payload) <= INLINE_MAX:  # most: one send(2), nothing to build
         sock.send(_MSG_HEADER + payload, _SEND_FLAGS)
         return
-    data, fds, memfd = _pack(MSG, payload, [])
+    data, allfds, memfd = _pack(MSG, payload, fds)
     try:
-        _sendmsg(sock, data, fds)
+        _sendmsg(sock, data, allfds)
     finally:
         if memfd is not None:
             os.close(memfd)
