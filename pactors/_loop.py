@@ -19,9 +19,9 @@ awaits as usual and the loop takes over.
 
 This reads attributes of ``asyncio.BaseEventLoop`` that are not public
 (``_ready``, ``_scheduled``, ``_stopping``, ``_debug``): those its
-``_run_once`` decides its own wait by. Where they do not exist, or the loop is in debug
-mode (whose slow-callback report would count the wait), the idle wait is
-never used.
+``_run_once`` decides its own wait by. Where they do not exist, or the loop
+is in debug mode (whose slow-callback report would count the wait), the
+idle wait is never used.
 """
 
 from __future__ import annotations
@@ -58,7 +58,9 @@ class ActorLoop(asyncio.SelectorEventLoop):
 
         Call it only from a task running on this loop.
         """
-        if not self._idle_ok or self._ready or self._stopping or self._debug:  # type: ignore[attr-defined]
+        if not self._idle_ok:
+            return False
+        if self._ready or self._stopping or self._debug:  # type: ignore[attr-defined]
             return False
         timeout_ms = -1
         scheduled = self._scheduled  # type: ignore[attr-defined]
