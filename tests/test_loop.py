@@ -258,6 +258,12 @@ def test_wait_readable_if_idle_defers_to_ready_callbacks_and_timers() -> None:
         loop.call_soon(lambda: None)
         assert loop.wait_readable_if_idle(r.fileno()) is False
         await anyio.sleep(0.01)  # the loop runs it
+        # Debug mode, which would report the wait as a slow callback: none.
+        loop.set_debug(True)
+        await anyio.sleep(0.01)  # set_debug() queues callbacks: let them run
+        assert loop.wait_readable_if_idle(r.fileno()) is False
+        loop.set_debug(False)
+        await anyio.sleep(0.01)
         # A timer due in 0.2 s bounds the wait.
         loop.call_later(0.2, lambda: None)
         t0 = time.monotonic()
