@@ -27,12 +27,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from . import _codec, _wire
 from ._errors import ChannelClosed, MessageError, NoSenders
 from ._loop import ActorLoop
 
 MAX_SOURCES = 4096
+# A receiver that always finds a message waiting never waits; it lets the
+# other tasks run after this many, so a peer that keeps the inbox full
+# cannot hold up the rest of the process.
+FAIRNESS_BATCH = 32
 
 
 class Fd:
@@ -250,6 +255,7 @@ class Inbox:
         self._sources: dict[int, socket.socket] = {}
         self._ready: collections.deque[int] = collections.deque()
         self._receiving = False
+        self._unyielded = 0  # messages taken since this receiver last let others run
         self._buffer = _wire.receive_buffer()
         self._watcher: asyncio.AbstractEventLoop | None = None  # watching our epoll fd
         self._waiter: asyncio.Future[None] | None = None
@@ -324,6 +330,10 @@ class Inbox:
         ready = self._ready
         buf = self._buffer
         try:
+            if self._unyielded >= FAIRNESS_BATCH:
+                # Before taking a message, so a cancellation here loses none.
+                self._unyielded = 0
+                await anyio.lowlevel.checkpoint()
             while True:
                 if not ready:
                     ep = self._epoll
@@ -332,10 +342,13 @@ class Inbox:
                     if not self._sources:
                         raise NoSenders("no senders left for this inbox: send its address "
                                         "to somebody before receiving on it")
-                    if not self._wait_if_idle(ep) or not ready:
+                    if self._wait_if_idle(ep):
+                        self._unyielded = 0  # nobody else was waiting to run
+                    if not ready:
                         events = ep.poll(0)
                         if not events:
                             await self._wait_readable(ep)
+                            self._unyielded = 0
                             continue
                         ready.extend([fd for fd, _ in events])
                 fd = ready.popleft()
@@ -350,6 +363,7 @@ class Inbox:
                     self.dropped += 1
                     self._drop_source(fd)
                     continue
+                self._unyielded += 1
                 if payload is not None:
                     try:  # most messages: no descriptors, no frame to build
                         return _codec.decode(payload, 0, _no_handles)

@@ -12,6 +12,7 @@ idle wait would block until a watchdog thread sends the message after
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -242,6 +243,52 @@ def test_a_message_from_a_subprocess_actor_ends_the_idle_wait(idle_waits: IdleWa
     assert pactors.run(main) == "late"
     assert (True, pytest.approx(0.2, abs=0.15)) in [
         (result, seconds) for result, seconds in idle_waits.calls if result]
+
+
+def test_a_flood_of_messages_does_not_starve_the_other_tasks() -> None:
+    """A receiver that always finds a message waiting never has to wait, so
+    it must yield now and then on its own: a peer that keeps its inbox full
+    (a container's actor, say) must not hold up the rest of the process."""
+    work_s = 0.001  # per message
+
+    async def main() -> tuple[int, float]:
+        inbox = Inbox()
+        channel = inbox._new_local_channel()
+        sock = channel._sock
+        assert sock is not None
+        data, _ = pactors._codec.encode({"op": "noise"}, lambda _: None)
+        queued = 0
+        while True:  # fill the socket: every receive below finds a message
+            try:
+                _wire.send_message_nowait(sock, data)
+            except BlockingIOError:
+                break
+            queued += 1
+        ticks = [time.monotonic()]
+
+        async def ticker() -> None:
+            while True:
+                await anyio.sleep(0)
+                ticks.append(time.monotonic())
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                await anyio.sleep(0.01)
+                for _ in range(queued):
+                    await inbox.receive()
+                    time.sleep(work_s)  # the actor's own work on the message
+                ticks.append(time.monotonic())  # the gap up to now counts too
+                tg.cancel_scope.cancel()
+        finally:
+            channel.close()
+            inbox.close()
+        return queued, max(b - a for a, b in itertools.pairwise(ticks))
+
+    queued, longest = pactors.run(main)
+    assert queued >= 100, "the socket should hold a few hundred small messages"
+    # Without yields the ticker would wait for the whole flood (queued ms).
+    assert longest < 0.1, f"another task waited {longest:.3f} s for {queued} messages"
 
 
 def test_wait_readable_if_idle_defers_to_ready_callbacks_and_timers() -> None:
