@@ -10,6 +10,7 @@ nothing behind: no processes, mounts or descriptors.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -17,6 +18,8 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -591,6 +594,45 @@ def test_a_relaunch_waits_for_the_same_apps_teardown(
         assert json.loads(control.recv(4096)) == {"event": "exit", "status": 0}
 
 
+def test_a_client_flooding_its_control_socket_does_not_hold_up_the_daemon(
+        daemon: Daemon, raw: Callable[[], socket.socket]) -> None:
+    """The daemon reads a client's control messages as they come; a client
+    that never stops sending (garbage, here) must not keep the daemon from
+    serving everybody else."""
+    conn = raw()
+    nulls = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+    try:
+        socket.send_fds(conn, [spawn(app_name="flood", app_bin="sleep", args=["60"])], nulls)
+    finally:
+        for fd in nulls:
+            os.close(fd)
+    reply, fds, _flags, _addr = socket.recv_fds(conn, 1 << 17, 4)
+    assert json.loads(reply)["result"] == "ok", reply
+    control = socket.socket(fileno=fds[0])
+    # Two processes writing garbage in a loop keep the daemon's side full.
+    flooders = [subprocess.Popen(
+        [sys.executable, "-c", "import os, sys\nfd = int(sys.argv[1])\n"
+         "while True: os.write(fd, b'x')", str(control.fileno())],
+        pass_fds=[control.fileno()]) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # the daemon is reading the flood by now
+        t0 = time.monotonic()
+        listed = exchange(raw(), request("list"))
+        waited = time.monotonic() - t0
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
+    with control:
+        control.settimeout(20)
+        control.send(json.dumps({"signal": signal.SIGTERM}).encode())
+        while (event := json.loads(control.recv(4096)))["event"] != "exit":
+            pass
+    assert event["status"] == 128 + signal.SIGTERM
+    assert listed["result"] == "ok", listed
+    assert waited < 2, f"a list request waited {waited:.1f} s behind the flood"
+
+
 BAD_PACKETS: list[tuple[str, bytes, int, str]] = [
     ("garbage", b"\xff\xfe\x00\x9cgarbage\x00", 0, "the request is not valid UTF-8"),
     ("not JSON", b"{request: list}", 0, "the request is not valid JSON"),
@@ -969,6 +1011,48 @@ def test_container_output_reaches_the_log_printable_and_bounded(
     assert logged[4].endswith("...")
     assert len(logged) == handler.MAX_OUTPUT_LINES + 1
     assert logged[-1] == "g/a/p: (further output dropped)"
+
+
+def test_container_output_without_end_does_not_hold_up_the_daemon(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container whose output never stops always has a chunk waiting: the
+    daemon's other tasks must still run while it is read and dropped."""
+    import anyio
+
+    from packxd.actors import handler
+
+    monkeypatch.setattr(handler, "log", lambda line: None)
+    # Every line logged (none dropped unread): reading is slower than `yes`.
+    monkeypatch.setattr(handler, "MAX_OUTPUT_LINES", 1 << 40)
+    r, w = os.pipe()
+    writer = subprocess.Popen(["yes", "output"], stdout=w)
+    os.close(w)
+    ticks = [time.monotonic()]
+
+    async def main() -> None:
+        async def ticker() -> None:
+            while True:
+                await anyio.sleep(0)
+                ticks.append(time.monotonic())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await handler._log_output("g", r)  # until the writer is killed
+            ticks.append(time.monotonic())
+            tg.cancel_scope.cancel()
+
+    # Killed from a thread: a reader that never yields would stop any timer.
+    killer = threading.Timer(0.5, writer.kill)
+    killer.start()
+    try:
+        anyio.run(main)
+    finally:
+        killer.cancel()
+        writer.kill()
+        writer.wait()
+        os.close(r)
+    longest = max(b - a for a, b in itertools.pairwise(ticks))
+    assert longest < 0.1, f"another task waited {longest:.2f} s while the output was read"
 
 
 @pytest.mark.parametrize("data, lines", [

@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 import pactors
 
@@ -114,6 +115,11 @@ def peer_credentials(sock: socket.socket) -> Caller:
 
 
 async def _recv(sock: socket.socket, maxfds: int) -> tuple[bytes, list[int]]:
+    # Let the other tasks run first, every time: a packet waiting is taken
+    # without a wait, and a client that keeps its socket full must not keep
+    # the daemon from serving everybody else. First, so that a cancellation
+    # here loses no packet.
+    await anyio.lowlevel.checkpoint()
     rejected: list[int] = []
     try:
         while True:
@@ -532,10 +538,17 @@ async def _log_output(name: str, fd: int) -> None:
     lines = 0
     try:
         while True:
+            # A container that writes without end always has a chunk
+            # waiting: let the daemon's other tasks run between chunks.
+            await anyio.lowlevel.checkpoint()
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
                 await anyio.wait_readable(fd)
+                continue
+            if lines > MAX_OUTPUT_LINES:  # dropped: only read on to the end
+                if not chunk:
+                    return
                 continue
             if chunk:
                 *complete, pending = (pending + chunk).split(b"\n")
