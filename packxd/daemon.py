@@ -17,6 +17,7 @@ import socket
 import sys
 
 import anyio
+import anyio.lowlevel
 
 import pactors
 
@@ -95,6 +96,9 @@ async def serve(listener: socket.socket, daemon: Daemon) -> None:
             tg.start_soon(on_signal)
             entry = handler(daemon)
             while True:
+                # Let the handlers run between connections: in a flood one is
+                # always waiting, and the clients already accepted come first.
+                await anyio.lowlevel.checkpoint()
                 try:
                     conn, _ = listener.accept()
                 except BlockingIOError:

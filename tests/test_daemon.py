@@ -633,6 +633,31 @@ def test_a_client_flooding_its_control_socket_does_not_hold_up_the_daemon(
     assert waited < 2, f"a list request waited {waited:.1f} s behind the flood"
 
 
+def test_a_flood_of_connections_does_not_hold_up_the_daemon(
+        daemon: Daemon, raw: Callable[[], socket.socket]) -> None:
+    """Connections that keep coming always have one waiting in the backlog:
+    the daemon must still serve the requests of those it accepted. (Whether
+    a new connection finds room in a full backlog is the kernel's affair.)"""
+    conn = raw()  # accepted before the flood
+    flooders = [subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys\n"
+         "while True:\n"
+         "    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+         "    s.connect(sys.argv[1])\n"
+         "    s.close()", daemon.socket], stderr=subprocess.DEVNULL) for _ in range(2)]
+    try:
+        time.sleep(0.3)  # the daemon is accepting the flood by now
+        t0 = time.monotonic()
+        listed = exchange(conn, request("list"))
+        waited = time.monotonic() - t0
+    finally:
+        for flooder in flooders:
+            flooder.kill()
+            flooder.wait()
+    assert listed["result"] == "ok", listed
+    assert waited < 2, f"a list request waited {waited:.1f} s behind the flood"
+
+
 BAD_PACKETS: list[tuple[str, bytes, int, str]] = [
     ("garbage", b"\xff\xfe\x00\x9cgarbage\x00", 0, "the request is not valid UTF-8"),
     ("not JSON", b"{request: list}", 0, "the request is not valid JSON"),
