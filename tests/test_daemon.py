@@ -547,6 +547,22 @@ def exchange(conn: socket.socket, data: bytes, nfds: int = 0) -> dict[str, Any]:
     return decoded
 
 
+def launch_raw(conn: socket.socket, **changes: Any) -> socket.socket:
+    """Launches ``spawn(**changes)`` in terminal mode (stdio /dev/null) on a
+    raw connection; returns the launch's control socket."""
+    nulls = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+    try:
+        socket.send_fds(conn, [spawn(**changes)], nulls)
+    finally:
+        for fd in nulls:
+            os.close(fd)
+    reply, fds, _flags, _addr = socket.recv_fds(conn, 1 << 17, 4)
+    assert json.loads(reply)["result"] == "ok", reply
+    control = socket.socket(fileno=fds[0])
+    control.settimeout(20)
+    return control
+
+
 @pytest.fixture
 def raw(daemon: Daemon) -> Iterator[Callable[[], socket.socket]]:
     conns: list[socket.socket] = []
@@ -569,26 +585,12 @@ def test_a_relaunch_waits_for_the_same_apps_teardown(
     the same app and profile launched the moment that status arrives waits
     for the teardown instead of being refused as "already running"."""
     conns = [raw(), raw()]
-
-    def launch(conn: socket.socket) -> socket.socket:
-        nulls = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
-        try:
-            socket.send_fds(conn, [spawn(app_name="again")], nulls)
-        finally:
-            for fd in nulls:
-                os.close(fd)
-        reply, fds, _flags, _addr = socket.recv_fds(conn, 1 << 17, 4)
-        assert json.loads(reply)["result"] == "ok", reply
-        control = socket.socket(fileno=fds[0])
-        control.settimeout(20)
-        return control
-
-    control = launch(conns[0])
+    control = launch_raw(conns[0], app_name="again")
     for i in range(1, 5):
         with control:
             assert json.loads(control.recv(4096)) == {"event": "exit", "status": 0}
             # At once, on a connection made before: no client start in between.
-            next_control = launch(conns[i % 2])
+            next_control = launch_raw(conns[i % 2], app_name="again")
         control = next_control
     with control:
         assert json.loads(control.recv(4096)) == {"event": "exit", "status": 0}
@@ -599,16 +601,8 @@ def test_a_client_flooding_its_control_socket_does_not_hold_up_the_daemon(
     """The daemon reads a client's control messages as they come; a client
     that never stops sending (garbage, here) must not keep the daemon from
     serving everybody else."""
-    conn = raw()
-    nulls = [os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
-    try:
-        socket.send_fds(conn, [spawn(app_name="flood", app_bin="sleep", args=["60"])], nulls)
-    finally:
-        for fd in nulls:
-            os.close(fd)
-    reply, fds, _flags, _addr = socket.recv_fds(conn, 1 << 17, 4)
-    assert json.loads(reply)["result"] == "ok", reply
-    control = socket.socket(fileno=fds[0])
+    control = launch_raw(raw(), app_name="flood", app_bin="sleep", args=["60"])
+    control.setblocking(True)  # the flooders share its file: they must block, not fail
     # Two processes writing garbage in a loop keep the daemon's side full.
     flooders = [subprocess.Popen(
         [sys.executable, "-c", "import os, sys\nfd = int(sys.argv[1])\n"
