@@ -319,10 +319,12 @@ def test_wait_readable_if_idle_defers_to_ready_callbacks_and_timers() -> None:
         await anyio.sleep(0.01)  # the loop runs it
         # Nothing else to do: wait until readable.
         t0 = time.monotonic()
-        threading.Timer(0.2, w.send, (b"x",)).start()
+        writer = threading.Timer(0.2, w.send, (b"x",))
+        writer.start()
         assert loop.wait_readable_if_idle(r.fileno()) is True
         assert 0.19 < time.monotonic() - t0 < 0.2 + PROMPT_S
         assert r.recv(1) == b"x"
+        writer.join()
 
     dog = threading.Thread(target=watchdog)
     dog.start()
