@@ -1067,6 +1067,7 @@ def test_container_output_without_end_does_not_hold_up_the_daemon(
         anyio.run(main)
     finally:
         killer.cancel()
+        killer.join()  # a later pactors.run() needs a process without threads
         writer.kill()
         writer.wait()
         os.close(r)
