@@ -55,6 +55,7 @@ _ALLOWED = ("None, bool, int, float, str, bytes, list, tuple, dict (str keys), "
 # and a fresh megabyte each time costs more than the rest of the message.
 _PACKER_BUFFER = 4096
 
+
 class _Encoding:
     """What the slow path's hook needs: the handles it found."""
 
@@ -139,30 +140,24 @@ def _check(value: Any, depth: int, others: list[Any]) -> int:
         raise MessageError(f"message nests deeper than {MAX_DEPTH} levels "
                            "(or contains a reference cycle)")
     size = len(value)
+    items = value
     if type(value) is dict:
-        for key, item in value.items():
+        for key in value:
             if type(key) is not str:
                 raise MessageError(
                     f"dict keys must be str, not {type(key).__name__} ({key!r:.40})")
             size += len(key)
-            t = type(item)
-            if t in _CONTAINERS:
-                size += _check(item, depth + 1, others)
-            elif t in _SIZED:
-                size += len(item)
-            elif t not in _SCALARS:
-                others.append(item)
-    else:
-        if type(value) is tuple:
-            others.append(value)
-        for item in value:
-            t = type(item)
-            if t in _CONTAINERS:
-                size += _check(item, depth + 1, others)
-            elif t in _SIZED:
-                size += len(item)
-            elif t not in _SCALARS:
-                others.append(item)
+        items = value.values()
+    elif type(value) is tuple:
+        others.append(value)
+    for item in items:
+        t = type(item)
+        if t in _CONTAINERS:
+            size += _check(item, depth + 1, others)
+        elif t in _SIZED:
+            size += len(item)
+        elif t not in _SCALARS:
+            others.append(item)
     if size > MAX_MESSAGE_BYTES:  # stops the walk of a list that repeats itself
         raise MessageError(f"message larger than {MAX_MESSAGE_BYTES} bytes")
     return size

@@ -32,10 +32,6 @@ import select
 import selectors
 from typing import Any
 
-# Poll flags meaning "look at this descriptor": readable, or an error or
-# hang-up that a read would report.
-_POLL_READ = select.POLLIN | select.POLLERR | select.POLLHUP
-
 
 class ActorLoop(asyncio.SelectorEventLoop):
     """asyncio's selector event loop with ``wait_readable_if_idle``."""
@@ -74,7 +70,7 @@ class ActorLoop(asyncio.SelectorEventLoop):
         if fd != self._idle_fd:
             if self._idle_fd >= 0:
                 self._idle_poll.unregister(self._idle_fd)
-            self._idle_poll.register(fd, _POLL_READ)
+            self._idle_poll.register(fd, select.POLLIN)  # poll(2) adds errors and hang-ups
             self._idle_fd = fd
         for ready, _ in self._idle_poll.poll(timeout_ms):  # noqa: SIM110 - any() costs a frame
             if ready == fd:
@@ -86,11 +82,6 @@ class ActorLoop(asyncio.SelectorEventLoop):
 _RUN_ONCE_STATE = ("_ready", "_scheduled", "_stopping", "_debug")
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The event loop of every pactors process."""
-    return ActorLoop()
-
-
 def backend_options(backend: str) -> dict[str, Any]:
     """``anyio.run``'s backend options that put asyncio on ``ActorLoop``."""
-    return {"loop_factory": new_event_loop} if backend == "asyncio" else {}
+    return {"loop_factory": ActorLoop} if backend == "asyncio" else {}

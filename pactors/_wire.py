@@ -122,26 +122,42 @@ def seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
-def _pack(kind: int, payload: bytes | bytearray | memoryview,
-          fds: list[int]) -> tuple[bytes, list[int], int | None]:
-    """Returns the datagram, its descriptors, and a memfd to close after sending."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise MessageError(f"message of {len(payload)} bytes exceeds the limit of "
-                           f"{MAX_MESSAGE_BYTES} bytes")
-    if len(fds) > MAX_FDS:
-        raise MessageError(f"a message carries at most {MAX_FDS} descriptors, not {len(fds)}")
-    if len(payload) <= INLINE_MAX:
-        return _HEADERS[kind] + payload, fds, None
-    memfd = os.memfd_create("pactors-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(memfd, view):]
-        fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(memfd)
-        raise
-    return _SPILL.pack(kind, _F_SPILL, len(payload)), [memfd, *fds], memfd
+class _Packed:
+    """A frame ready to send: the datagram and its descriptors. Used as a
+    context manager, which closes the memfd a large payload spilled into."""
+
+    __slots__ = ("_memfd", "data", "fds")
+
+    def __init__(self, kind: int, payload: bytes | bytearray | memoryview,
+                 fds: list[int]) -> None:
+        if len(payload) > MAX_MESSAGE_BYTES:
+            raise MessageError(f"message of {len(payload)} bytes exceeds the limit of "
+                               f"{MAX_MESSAGE_BYTES} bytes")
+        if len(fds) > MAX_FDS:
+            raise MessageError(
+                f"a message carries at most {MAX_FDS} descriptors, not {len(fds)}")
+        self._memfd: int | None = None
+        if len(payload) <= INLINE_MAX:
+            self.data, self.fds = _HEADERS[kind] + payload, fds
+            return
+        memfd = os.memfd_create("pactors-msg", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(memfd, view):]
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, _REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(memfd)
+            raise
+        self._memfd = memfd
+        self.data, self.fds = _SPILL.pack(kind, _F_SPILL, len(payload)), [memfd, *fds]
+
+    def __enter__(self) -> _Packed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._memfd is not None:
+            os.close(self._memfd)
 
 
 def _sendmsg(sock: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -154,17 +170,13 @@ def _sendmsg(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 
 def send_frame_blocking(sock: socket.socket, kind: int, payload: bytes | bytearray,
                         fds: list[int] = []) -> None:  # noqa: B006 - never mutated
-    data, allfds, memfd = _pack(kind, payload, fds)
-    try:
+    with _Packed(kind, payload, fds) as frame:
         while True:
             try:
-                _sendmsg(sock, data, allfds)
+                _sendmsg(sock, frame.data, frame.fds)
                 return
             except BlockingIOError:
                 select.select([], [sock], [])
-    finally:
-        if memfd is not None:
-            os.close(memfd)
 
 
 _MSG_HEADER = _HEADERS[MSG]
@@ -176,28 +188,20 @@ def send_message_nowait(sock: socket.socket, payload: bytes,
     if not fds and len(payload) <= INLINE_MAX:  # most: one send(2), nothing to build
         sock.send(_MSG_HEADER + payload, _SEND_FLAGS)
         return
-    data, allfds, memfd = _pack(MSG, payload, fds)
-    try:
-        _sendmsg(sock, data, allfds)
-    finally:
-        if memfd is not None:
-            os.close(memfd)
+    with _Packed(MSG, payload, fds) as frame:
+        _sendmsg(sock, frame.data, frame.fds)
 
 
 async def send_frame(sock: socket.socket, kind: int, payload: bytes | bytearray,
                      fds: list[int] = []) -> None:  # noqa: B006 - never mutated
     """Sends one frame, waiting while the socket is full."""
-    data, allfds, memfd = _pack(kind, payload, fds)
-    try:
+    with _Packed(kind, payload, fds) as frame:
         while True:
             try:
-                _sendmsg(sock, data, allfds)
+                _sendmsg(sock, frame.data, frame.fds)
                 return
             except BlockingIOError:
                 await anyio.wait_writable(sock)
-    finally:
-        if memfd is not None:
-            os.close(memfd)
 
 
 def _unspill(memfd: int, length: int) -> bytearray:
